@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Sets up everything nanochat needs in ./.venv, idempotently:
+#   uv (from PyPI if missing) -> .venv -> torch (CUDA build on a GPU box, CPU build otherwise)
+#   -> nanochat and its dependencies -> the Rust crate rustbpe/ built by maturin.
+# Called by dev/runcpu.sh, speedrun.sh and dev/run_tests.sh; safe to re-run.
+#
+#   bash dev/install.sh            # runtime + test dependencies
+#   TORCH_INDEX_URL=... bash dev/install.sh   # take torch from a specific wheel index
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+log() { echo "[install] $*"; }
+
+# --- uv ---------------------------------------------------------------------------------
+if command -v uv >/dev/null 2>&1; then
+    UV=(uv)
+elif python3 -m uv --version >/dev/null 2>&1; then
+    UV=(python3 -m uv)
+else
+    log "installing uv from PyPI"
+    python3 -m pip install --quiet uv
+    UV=(python3 -m uv)
+fi
+
+# uv ignores pip's configuration; hand it pip's find-links so a local torch wheel is seen.
+if [ -n "${PIP_FIND_LINKS:-}" ] && [ -z "${UV_FIND_LINKS:-}" ]; then
+    export UV_FIND_LINKS="${PIP_FIND_LINKS// /,}"
+fi
+
+# --- virtual environment ----------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv (Python $(cat .python-version))"
+    "${UV[@]}" venv --quiet --python "$(cat .python-version)" .venv
+fi
+export VIRTUAL_ENV="$ROOT/.venv"
+PY="$VIRTUAL_ENV/bin/python"
+uv_pip() { "${UV[@]}" pip "$@" --python "$PY"; }
+
+# --- torch ------------------------------------------------------------------------------
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        log "GPU found: installing the CUDA build of torch"
+        uv_pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch>=2.9.0"
+    else
+        # No GPU. Prefer a CPU wheel that pip's find-links already holds (e.g. /opt/wheels),
+        # otherwise the given CPU index; plain PyPI would pull several GB of CUDA libraries.
+        local_wheel=""
+        for dir in ${UV_FIND_LINKS//,/ }; do
+            pyver=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+            local_wheel=$(ls "$dir"/torch-*-"$pyver"-*.whl 2>/dev/null | sort | tail -n 1 || true)
+            [ -n "$local_wheel" ] && break
+        done
+        if [ -n "$local_wheel" ]; then
+            log "no GPU: installing the CPU build of torch from $local_wheel"
+            uv_pip install --quiet "$local_wheel"
+        else
+            log "no GPU: installing torch${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+            uv_pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch>=2.9.0"
+        fi
+    fi
+fi
+
+# --- nanochat and its Python dependencies ------------------------------------------------
+log "installing nanochat and its dependencies"
+uv_pip install --quiet -e ".[dev]"
+
+# --- rustbpe (Rust crate -> Python module) ----------------------------------------------
+bash dev/build_rustbpe.sh "$PY"
+
+log "done: activate with 'source .venv/bin/activate'"

@@ -1,0 +1,284 @@
+"""
+Utilities shared by every phase: logging, the artifact directory, rank-aware printing,
+device/distributed initialization, the compute dtype, downloads, and the GPU peak-FLOPs table.
+"""
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+
+import torch
+import torch.distributed as dist
+from filelock import FileLock
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+class ColoredFormatter(logging.Formatter):
+    """Colors the level name, and highlights sizes, percentages and shard numbers in INFO lines."""
+
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+    RESET, BOLD = "\033[0m", "\033[1m"
+
+    def format(self, record):
+        levelname = record.levelname
+        if levelname in self.COLORS:
+            record.levelname = f"{self.COLORS[levelname]}{self.BOLD}{levelname}{self.RESET}"
+        message = super().format(record)
+        record.levelname = levelname
+        if levelname == "INFO":
+            message = re.sub(r"(\d+(?:\.\d+)?\s*(?:GB|MB|%|docs))", rf"{self.BOLD}\1{self.RESET}", message)
+            message = re.sub(r"(Shard \d+)", rf"{self.COLORS['INFO']}{self.BOLD}\1{self.RESET}", message)
+        return message
+
+
+def setup_default_logging():
+    handler = logging.StreamHandler()
+    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+setup_default_logging()
+logger = logging.getLogger(__name__)
+
+# -----------------------------------------------------------------------------
+# Artifact directory and downloads
+
+
+def get_base_dir():
+    """Root of all artifacts (data, tokenizer, checkpoints, reports): $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path), then rename tmp_path onto path: readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write_fn(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def download_file_with_lock(url, filename, postprocess_fn=None):
+    """
+    Download url to <base_dir>/filename once, safely across ranks and processes: a file lock
+    serializes the work and the body lands under a temp name that is renamed only when complete.
+    postprocess_fn(path) runs once, right after a fresh download. Returns the path.
+    """
+    file_path = os.path.join(get_base_dir(), filename)
+    if os.path.exists(file_path):
+        return file_path
+    with FileLock(file_path + ".lock"):
+        if os.path.exists(file_path):  # another rank finished while we waited
+            return file_path
+        print(f"Downloading {url}...")
+
+        def fetch(tmp_path):
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp_path, "wb") as f:
+                shutil.copyfileobj(response, f)
+
+        atomic_write(file_path, fetch)
+        print(f"Downloaded to {file_path}")
+        if postprocess_fn is not None:
+            postprocess_fn(file_path)
+    return file_path
+
+
+# -----------------------------------------------------------------------------
+# Command lines
+
+
+def normalize_flag_names(argv):
+    """
+    Flags are kebab-case (--device-batch-size) like upstream; older docs spell them with
+    underscores (--device_batch_size). Accept both by rewriting the flag name, never the value.
+    """
+    normalized = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        normalized.append(arg)
+    return normalized
+
+
+# -----------------------------------------------------------------------------
+# Rank-aware printing
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+def print_banner():
+    banner = r"""
+                                                       █████                █████
+                                                      ░░███                ░░███
+ ████████    ██████   ████████    ██████   ██████  ░███████    ██████   ███████
+░░███░░███  ░░░░░███ ░░███░░███  ███░░███ ███░░███ ░███░░███  ░░░░░███ ░░░███░
+ ░███ ░███   ███████  ░███ ░███ ░███ ░███░███ ░░░  ░███ ░███   ███████   ░███
+ ░███ ░███  ███░░███  ░███ ░███ ░███ ░███░███  ███ ░███ ░███  ███░░███   ░███ ███
+ ████ █████░░████████ ████ █████░░██████ ░░██████  ████ █████░░████████  ░░█████
+░░░░ ░░░░░  ░░░░░░░░ ░░░░ ░░░░░  ░░░░░░   ░░░░░░  ░░░░ ░░░░░  ░░░░░░░░    ░░░░░
+"""
+    print0(banner)
+
+
+# -----------------------------------------------------------------------------
+# Devices, distribution and precision
+
+
+def is_ddp_requested():
+    """True when launched by torchrun (it sets these three variables)."""
+    return all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def is_ddp_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the torchrun environment."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    print0(f"Autodetected device type: {device_type}")
+    return device_type
+
+
+def _detect_compute_dtype():
+    """
+    The dtype activations are computed in. NANOCHAT_DTYPE (bfloat16|float16|float32) wins;
+    otherwise bf16 on CUDA SM80+ (A100, H100), fp32 on older CUDA, CPU and MPS.
+    Master weights stay fp32 either way; see gpt.Linear.
+    """
+    name = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
+    by_name = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+               "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if name:
+        if name not in by_name:
+            raise ValueError(f"NANOCHAT_DTYPE={name!r} is not one of bfloat16, float16, float32")
+        return by_name[name]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+COMPUTE_DTYPE = _detect_compute_dtype()
+
+
+def compute_init(device_type="cuda"):
+    """
+    Seed, pick the device and, under torchrun, join the process group: NCCL on CUDA, gloo on
+    CPU (so distributed code runs and is tested without GPUs). Returns
+    (ddp, rank, local_rank, world_size, device).
+    """
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device_type must be cuda, mps or cpu, got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was requested but CUDA is not available; pass --device-type cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type mps was requested but MPS is not available; pass --device-type cpu")
+
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp and device_type == "cpu":
+        device = torch.device("cpu")
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    elif ddp:
+        raise RuntimeError("multi-process runs need CUDA (nccl) or CPU (gloo); MPS has no collective backend")
+    else:
+        device = torch.device(device_type)
+
+    if rank == 0:
+        logger.info(f"Distributed world size: {world_size}")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (--run dummy, or ranks other than 0)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+# Peak dense bf16 FLOP/s (no sparsity). Order matters: more specific names first.
+_PEAK_FLOPS = [
+    (("gb200", "grace blackwell"), 2.5e15),
+    (("b200",), 2.25e15),
+    (("b100",), 1.8e15),
+    (("h200 nvl", "h200 pcie"), 836e12),
+    (("h200",), 989e12),
+    (("h100 nvl",), 835e12),
+    (("h100 pcie",), 756e12),
+    (("h100",), 989e12),
+    (("h800 nvl",), 989e12),
+    (("h800",), 756e12),
+    (("a100", "a800"), 312e12),
+    (("a40",), 149.7e12),
+    (("a30",), 165e12),
+    (("l40s",), 362e12),
+    (("l4",), 121e12),
+    (("mi355",), 2.5e15),
+    (("mi325", "mi300x"), 1.3074e15),
+    (("mi300a",), 980.6e12),
+    (("mi250x",), 383e12),
+    (("mi250",), 362.1e12),
+    (("5090",), 209.5e12),
+    (("4090",), 165.2e12),
+    (("3090",), 71e12),
+]
+
+
+def get_peak_flops(device_name):
+    """Peak bf16 FLOP/s of a GPU by its name, for MFU. Unknown devices give inf (MFU reads 0)."""
+    name = device_name.lower()
+    if "data center gpu max 1550" in name:
+        # Intel Ponte Vecchio: 512 bf16 FLOPs per clock per compute unit at 1.3 GHz
+        props = torch.xpu.get_device_properties() if hasattr(torch, "xpu") else None
+        compute_units = getattr(props, "max_compute_units", 1024)
+        return 512 * compute_units * 1300e6
+    for patterns, flops in _PEAK_FLOPS:
+        if any(pattern in name for pattern in patterns):
+            return flops
+    logger.warning(f"Peak FLOPs unknown for {device_name!r}: MFU will read 0")
+    return float("inf")
