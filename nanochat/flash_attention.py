@@ -1,0 +1,150 @@
+"""
+Attention kernels behind one FA3-shaped interface.
+
+The model calls `flash_attn.flash_attn_func` and `flash_attn.flash_attn_with_kvcache` with the
+argument names and the (B, T, heads, D) layout of Flash Attention 3. On a Hopper GPU (SM 9.x)
+with bf16 compute we load FA3 through the `kernels` package (an optional dependency); everywhere
+else (CPU, MPS, other GPUs, fp32/fp16 compute, or when loading fails) the same calls run on
+PyTorch's scaled_dot_product_attention (SDPA) with masks that reproduce FA3's semantics:
+
+* `causal=True` aligns the queries to the END of the keys (query row r of Tq sits at absolute
+  position (Tk - Tq) + r), so a chunk of new queries attends to the whole cached prefix.
+* `window_size=(left, right)`: a query at position p may see keys in [p - left, p + right];
+  -1 means unlimited on that side. With causal=True the right side is 0.
+
+Tests force one implementation with `_override_impl = "fa3" | "sdpa"` (None = automatic).
+"""
+
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE
+
+logger = logging.getLogger(__name__)
+
+FA3_KERNEL_REPO = "varunneal/flash-attention-3"  # FA3 build for Hopper, fetched by `kernels`
+
+
+def _load_flash_attention_3():
+    """FA3's interface module, or None. Only tried where it can help: Hopper GPU, bf16 compute."""
+    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16:
+        return None
+    try:
+        major, _minor = torch.cuda.get_device_capability()
+        if major != 9:
+            # FA3 kernels target Hopper; Blackwell (10.x) and Ampere/Ada go through SDPA.
+            return None
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from kernels import get_kernel
+        return get_kernel(FA3_KERNEL_REPO).flash_attn_interface
+    except Exception as e:  # missing package, no network, ABI mismatch: all mean "use SDPA"
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        logger.warning(f"Flash Attention 3 not available ({type(e).__name__}: {first_line}); using PyTorch SDPA")
+        return None
+
+
+_fa3 = _load_flash_attention_3()
+HAS_FA3 = _fa3 is not None
+
+# None = automatic, "fa3" = force FA3 (error if missing), "sdpa" = force the SDPA fallback.
+_override_impl = None
+
+
+def _use_fa3(q):
+    if _override_impl == "sdpa":
+        return False
+    if _override_impl == "fa3":
+        if not HAS_FA3:
+            raise RuntimeError("_override_impl='fa3' but Flash Attention 3 could not be loaded on this machine")
+        return True
+    if _override_impl is not None:
+        raise ValueError(f"_override_impl must be None, 'fa3' or 'sdpa', got {_override_impl!r}")
+    return HAS_FA3 and q.is_cuda and q.dtype == torch.bfloat16
+
+
+# -----------------------------------------------------------------------------
+# SDPA fallback
+
+
+def _attention_mask(Tq, Tk, causal, window_size, device):
+    """Boolean (Tq, Tk) mask, True = may attend, with FA3's bottom-right alignment."""
+    left, right = window_size
+    query_pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    key_pos = torch.arange(Tk, device=device)[None, :]
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:
+        right = 0
+    if right >= 0:
+        allowed &= key_pos <= query_pos + right
+    if left >= 0:
+        allowed &= key_pos >= query_pos - left
+    return allowed
+
+
+def _sdpa(q, k, v, causal, window_size):
+    """q (B,Tq,H,D), k/v (B,Tk,Hkv,D) -> (B,Tq,H,D), FA3 semantics on top of SDPA."""
+    Tq, Tk = q.size(1), k.size(1)
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}")
+    left = window_size[0]
+    enable_gqa = q.size(2) != k.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, heads, T, D)
+    full_left = left < 0 or left >= Tk - 1  # the window reaches back past the first key anyway
+    if causal and Tq == Tk and full_left:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    elif causal and Tq == 1:
+        # Decode: the single query is the last position, so causality masks nothing;
+        # a window just means fewer keys.
+        if not full_left:
+            k, v = k[:, :, -(left + 1):], v[:, :, -(left + 1):]
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa)
+    else:
+        mask = _attention_mask(Tq, Tk, causal, window_size, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+    return y.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# Public FA3-shaped API
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """Attention over a whole sequence: q (B,T,H,D), k/v (B,T,Hkv,D) -> (B,T,H,D)."""
+    if _use_fa3(q):
+        out = _fa3.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    return _sdpa(q, k, v, causal, window_size)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                            window_size=(-1, -1)):
+    """
+    Attention for incremental decoding. k_cache/v_cache (B,T_max,Hkv,D) are updated IN PLACE:
+    the new k/v (B,T_new,Hkv,D) are written at position cache_seqlens, then q (B,T_new,H,D)
+    attends over the cache prefix [0, cache_seqlens + T_new). cache_seqlens is not advanced
+    (the caller owns it). The SDPA fallback needs every row at the same position, which is
+    how the Engine uses it.
+    """
+    if _use_fa3(q):
+        out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                           causal=causal, window_size=window_size)
+        return out[0] if isinstance(out, tuple) else out
+    lowest, highest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()  # one device sync
+    if lowest != highest:
+        raise ValueError(f"the SDPA KV-cache path needs all rows at one position, got positions {lowest}..{highest}")
+    pos = lowest
+    T_new = 0 if k is None else k.size(1)
+    if pos + T_new > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {pos} cached + {T_new} new tokens > capacity {k_cache.size(1)}")
+    if k is not None:
+        k_cache[:, pos:pos + T_new] = k
+        v_cache[:, pos:pos + T_new] = v
+    end = pos + T_new
+    return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
+
+
+flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)

@@ -1,0 +1,407 @@
+"""
+The GPT model: a decoder-only Transformer with the nanochat recipe.
+
+- rotary position embeddings (split-halves form, base 10000), no learned positions
+- QK-norm (applied after RoPE), parameterless RMSNorm everywhere, no biases anywhere
+- ReLU^2 MLP with 4x expansion; untied token embedding and lm_head
+- value embeddings (ResFormer-style) mixed into v on alternating layers, with a per-head gate
+- per-layer learnable scalars that mix the residual stream with the first-layer input x0
+- sliding-window attention by a layer pattern ("SSSL": three short, one long), last layer full
+- grouped-query attention (n_kv_head divides n_head)
+- logits soft-capped at 15 and computed in fp32
+
+Precision: there is no autocast. Activations run in nanochat.common.COMPUTE_DTYPE; Linear
+weights are fp32 master copies cast to the activation dtype on the fly; embedding tables are
+stored in the compute dtype (fp32 when computing in fp16, where GradScaler needs fp32 grads).
+The model holds no distributed code: data parallelism lives in the optimizer and the scripts.
+
+Build it on the meta device, then materialize and initialize:
+    with torch.device("meta"):
+        model = GPT(GPTConfig(...))
+    model.to_empty(device=device)
+    model.init_weights()
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE, print0
+from nanochat.flash_attention import flash_attn
+
+LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15)
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
+ROTARY_BASE = 10000
+ROTARY_CACHE_MULTIPLE = 10  # rotary tables cover 10x sequence_len so generation can run past it
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when smaller than n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over layers: L = full context, S = half context
+
+
+def _validate_config(config):
+    if config.n_embd % config.n_head != 0:
+        raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
+    if config.n_head % config.n_kv_head != 0:
+        raise ValueError(f"n_head={config.n_head} must be divisible by n_kv_head={config.n_kv_head} (GQA groups)")
+    head_dim = config.n_embd // config.n_head
+    if head_dim % 2 != 0:
+        raise ValueError(f"head_dim = n_embd / n_head = {head_dim} must be even for rotary embeddings")
+    if config.n_embd < VE_GATE_CHANNELS:
+        raise ValueError(f"n_embd={config.n_embd} must be at least {VE_GATE_CHANNELS} (the value-embedding gate input)")
+    if config.n_layer < 1 or config.sequence_len < 1 or config.vocab_size < 1:
+        raise ValueError(f"n_layer, sequence_len and vocab_size must be positive, got {config}")
+
+
+def has_ve(layer_idx, n_layer):
+    """Value embeddings live on every other layer, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def norm(x):
+    """Parameterless RMSNorm over the last dim (eps = the dtype's machine epsilon)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """
+    RoPE in split-halves form on x (B, T, heads, D), cos/sin (1, T, 1, D/2). This rotates each
+    (x1, x2) pair by -theta, the transpose of the textbook convention; it is equivalent for
+    attention and we keep it so upstream checkpoints give the same outputs.
+    """
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1)
+
+
+class Linear(nn.Linear):
+    """Bias-free Linear whose (fp32 master) weight is cast to the input's dtype in forward."""
+
+    def __init__(self, in_features, out_features, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(dtype=x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        C, D = config.n_embd, self.head_dim
+        self.c_q = Linear(C, self.n_head * D)
+        self.c_k = Linear(C, self.n_kv_head * D)
+        self.c_v = Linear(C, self.n_kv_head * D)
+        self.c_proj = Linear(C, C)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos_sin, window_size, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+
+        if ve is not None:
+            # Gate in (0, 2) per kv head, exactly 1 at init (ve_gate starts at zero).
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm after RoPE
+
+        if kv_cache is None:
+            y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        else:
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                                   cache_seqlens=kv_cache.cache_seqlens,
+                                                   causal=True, window_size=window_size)
+            if self.layer_idx == kv_cache.n_layers - 1:
+                kv_cache.advance(T)  # every layer has written its k/v for these T positions
+
+        y = y.contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, window_size, kv_cache):
+        x = x + self.attn(norm(x), ve, cos_sin, window_size, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config, pad_vocab_size_to=64):
+        super().__init__()
+        _validate_config(config)
+        self.config = config
+        self.compute_dtype = COMPUTE_DTYPE
+        # fp16 training unscales gradients with GradScaler, which needs fp32 params, so the
+        # embedding tables only drop to the compute dtype when that is bf16 (or fp32).
+        self.embedding_dtype = torch.float32 if COMPUTE_DTYPE == torch.float16 else COMPUTE_DTYPE
+        self.window_sizes = self._compute_window_sizes(config)
+
+        # A vocab that is a multiple of 64 keeps the lm_head matmul on fast kernel paths.
+        padded_vocab_size = math.ceil(config.vocab_size / pad_vocab_size_to) * pad_vocab_size_to
+        if padded_vocab_size != config.vocab_size:
+            print0(f"Padding vocab_size from {config.vocab_size} to {padded_vocab_size} for efficiency")
+        self.padded_vocab_size = padded_vocab_size
+
+        C, L = config.n_embd, config.n_layer
+        head_dim = C // config.n_head
+        kv_dim = config.n_kv_head * head_dim
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(padded_vocab_size, C, dtype=self.embedding_dtype),
+            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
+        })
+        self.lm_head = Linear(C, padded_vocab_size)
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(padded_vocab_size, kv_dim, dtype=self.embedding_dtype)
+            for i in range(L) if has_ve(i, L)
+        })
+        self.rotary_seq_len = config.sequence_len * ROTARY_CACHE_MULTIPLE
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        # Not persistent: derived data, recomputed on the real device in init_weights.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    # -------------------------------------------------------------------------
+    # Construction helpers
+
+    @staticmethod
+    def _compute_window_sizes(config):
+        """Per-layer FA3-style (left, right) windows from config.window_pattern."""
+        pattern = config.window_pattern.upper()
+        if not pattern or any(ch not in "SL" for ch in pattern):
+            raise ValueError(f"window_pattern must be a non-empty string of 'S' (short) and 'L' (long), "
+                             f"got {config.window_pattern!r}")
+        long_window = (config.sequence_len, 0)
+        short_window = (config.sequence_len // 2, 0)
+        window_sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window
+                        for i in range(config.n_layer)]
+        window_sizes[-1] = long_window  # the last layer always sees the full context
+        return window_sizes
+
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=ROTARY_BASE, device=None):
+        """cos/sin tables of shape (1, seq_len, 1, head_dim/2) in the compute dtype."""
+        if device is None:
+            device = self.transformer.wte.weight.device
+        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channels / head_dim))
+        positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, inv_freq)
+        cos = angles.cos().to(self.compute_dtype)[None, :, None, :]
+        sin = angles.sin().to(self.compute_dtype)[None, :, None, :]
+        return cos, sin
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Set every parameter (SPEC 1.7) and rebuild the rotary tables on the current device."""
+        C = self.config.n_embd
+        bound = math.sqrt(3) / math.sqrt(C)  # uniform with std 1/sqrt(C)
+
+        def fill(param, init_fn):
+            # Draw in fp32 so a bf16 model gets the same values (rounded) as an fp32 one.
+            if param.dtype == torch.float32:
+                init_fn(param)
+            else:
+                tmp = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                init_fn(tmp)
+                param.copy_(tmp)
+
+        fill(self.transformer.wte.weight, lambda t: nn.init.normal_(t, mean=0.0, std=1.0))
+        fill(self.lm_head.weight, lambda t: nn.init.normal_(t, mean=0.0, std=0.001))
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                fill(linear.weight, lambda t: nn.init.uniform_(t, -bound, bound))
+            # Zero output projections: every block starts as the identity on the residual stream.
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate = 2*sigmoid(0) = 1
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        for embedding in self.value_embeds.values():
+            fill(embedding.weight, lambda t: nn.init.uniform_(t, -bound, bound))
+
+        head_dim = C // self.config.n_head
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        self.cos, self.sin = cos, sin
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    # -------------------------------------------------------------------------
+    # Accounting
+
+    def estimate_flops(self):
+        """
+        Training FLOPs per token: 6 per matmul weight (forward + backward) plus the attention
+        score/value matmuls, 12*H*D per attended key, with each layer's window capped at T.
+        Embedding lookups, per-layer scalars and softmax are not counted.
+        """
+        nparams = sum(p.numel() for p in self.parameters())
+        value_embeds_numel = sum(p.numel() for p in self.value_embeds.parameters())
+        nparams_exclude = (self.transformer.wte.weight.numel() + value_embeds_numel
+                           + self.resid_lambdas.numel() + self.x0_lambdas.numel())
+        H, D, T = self.config.n_head, self.config.n_embd // self.config.n_head, self.config.sequence_len
+        attn_flops = 0
+        for left, _right in self.window_sizes:
+            attended = T if left < 0 else min(left, T)
+            attn_flops += 12 * H * D * attended
+        return 6 * (nparams - nparams_exclude) + attn_flops
+
+    def num_scaling_params(self):
+        """Parameter counts by part. base_train's scaling params = transformer_matrices + lm_head."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        parts = sum(v for k, v in counts.items() if k != "total")
+        if parts != counts["total"]:
+            raise RuntimeError(f"parameter parts sum to {parts} but the model has {counts['total']}")
+        return counts
+
+    # -------------------------------------------------------------------------
+    # Optimizer
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                        adam_betas=(0.8, 0.95), scalar_lr=0.5):
+        """
+        One MuonAdamW over all parameters: AdamW for embeddings, lm_head and the scalars,
+        Muon for every matrix inside the blocks (grouped by shape so Muon can stack them).
+        Each group also gets initial_lr = lr for the LR schedulers.
+        """
+        model_dim = self.config.n_embd
+        # AdamW LRs were tuned at width 768; scale them as 1/sqrt(width) elsewhere.
+        dmodel_lr_scale = (model_dim / 768) ** -0.5
+        print0(f"Scaling the LR for the AdamW parameters ∝1/√({model_dim}/768) = {dmodel_lr_scale:.6f}")
+
+        matrix_params = list(self.transformer.h.parameters())
+
+        def adamw(params, lr, betas=adam_betas):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=0.0)
+
+        param_groups = [
+            adamw(list(self.lm_head.parameters()), unembedding_lr * dmodel_lr_scale),
+            adamw(list(self.transformer.wte.parameters()), embedding_lr * dmodel_lr_scale),
+            adamw(list(self.value_embeds.parameters()), embedding_lr * dmodel_lr_scale),
+            adamw([self.resid_lambdas], scalar_lr * 0.01),  # the residual gain wants tiny steps
+            adamw([self.x0_lambdas], scalar_lr, betas=(0.96, 0.95)),
+        ]
+        for shape in sorted({tuple(p.shape) for p in matrix_params}):
+            same_shape = [p for p in matrix_params if tuple(p.shape) == shape]
+            param_groups.append(dict(kind="muon", params=same_shape, lr=matrix_lr, momentum=0.95, ns_steps=5,
+                                     beta2=0.95, weight_decay=weight_decay))
+
+        grouped = [id(p) for group in param_groups for p in group["params"]]
+        all_params = {id(p) for p in self.parameters()}
+        if len(grouped) != len(set(grouped)) or set(grouped) != all_params:
+            raise RuntimeError("optimizer groups must cover every model parameter exactly once")
+
+        # Imported here: the optimizer carries the distributed code, which inference never needs.
+        from nanochat.optim import MuonAdamW  # noqa: PLC0415
+
+        optimizer = MuonAdamW(param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
+
+    # -------------------------------------------------------------------------
+    # Forward and sampling
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """
+        idx (B, T) token ids. Returns fp32 logits (B, T, vocab_size), or with targets the
+        cross-entropy (ignore_index=-1; loss_reduction="none" gives per-token losses, flat).
+        With a kv_cache, positions continue from kv_cache.get_pos() and the cache advances by T.
+        """
+        B, T = idx.size()
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        if T0 + T > self.cos.size(1):
+            raise ValueError(f"positions up to {T0 + T} exceed the rotary cache ({self.cos.size(1)} = "
+                             f"{ROTARY_CACHE_MULTIPLE} x sequence_len)")
+        assert self.cos.device == idx.device, f"rotary tables on {self.cos.device} but input on {idx.device}"
+        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
+        x0 = x  # the normalized embedding, re-injected into every layer
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            key = str(i)
+            ve = self.value_embeds[key](idx).to(self.compute_dtype) if key in self.value_embeds else None
+            x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache)
+        x = norm(x)
+
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """
+        Naive sampler (batch 1, no KV cache: the whole sequence is re-run every step). Yields
+        one token id per step. It is the reference the Engine is checked against.
+        """
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError("tokens must be a non-empty list of token ids")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth_largest, -float("inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()

@@ -1,0 +1,158 @@
+"""
+The SDPA fallback of nanochat.flash_attention must give FA3's answers: each case is checked
+against a naive softmax(QK^T / sqrt(D) + mask) V with the mask written out position by position.
+"""
+
+import math
+
+import pytest
+import torch
+
+import nanochat.flash_attention as fa
+from nanochat.flash_attention import flash_attn
+
+
+@pytest.fixture(autouse=True)
+def force_sdpa(monkeypatch):
+    monkeypatch.setattr(fa, "_override_impl", "sdpa")
+
+
+def reference_attention(q, k, v, causal=True, window_size=(-1, -1)):
+    """q (B,Tq,H,D), k/v (B,Tk,Hkv,D); query r sits at absolute position (Tk - Tq) + r."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.size(1), k.size(2)
+    left, right = window_size
+    if causal:
+        right = 0
+    mask = torch.full((Tq, Tk), float("-inf"))
+    for r in range(Tq):
+        pos = Tk - Tq + r
+        for c in range(Tk):
+            if (right < 0 or c - pos <= right) and (left < 0 or pos - c <= left):
+                mask[r, c] = 0.0
+    group = H // Hkv  # query head h reads kv head h // group
+    k = k.repeat_interleave(group, dim=2)
+    v = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D) + mask
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
+
+
+def random_qkv(B, Tq, Tk, H, Hkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Tq, H, D, generator=g)
+    k = torch.randn(B, Tk, Hkv, D, generator=g)
+    v = torch.randn(B, Tk, Hkv, D, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("window", [-1, 0, 3, 8, 15, 40])
+def test_full_sequence_matches_reference(H, Hkv, window):
+    q, k, v = random_qkv(2, 16, 16, H, Hkv, 8)
+    out = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    torch.testing.assert_close(out, reference_attention(q, k, v, window_size=(window, 0)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("window", [-1, 2, 6, 100])
+def test_chunk_with_offset_matches_reference(H, Hkv, window):
+    # 5 new queries after 7 earlier positions: queries sit at positions 7..11
+    q, k, v = random_qkv(2, 5, 12, H, Hkv, 8, seed=1)
+    out = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    torch.testing.assert_close(out, reference_attention(q, k, v, window_size=(window, 0)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("window", [-1, 0, 4, 11, 12, 50])
+def test_single_token_decode_matches_reference(H, Hkv, window):
+    q, k, v = random_qkv(3, 1, 12, H, Hkv, 8, seed=2)
+    out = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    torch.testing.assert_close(out, reference_attention(q, k, v, window_size=(window, 0)), rtol=1e-5, atol=1e-5)
+
+
+def test_non_causal_two_sided_window_matches_reference():
+    q, k, v = random_qkv(1, 10, 10, 2, 2, 8, seed=3)
+    for window in [(-1, -1), (2, 3), (0, 0)]:
+        out = flash_attn.flash_attn_func(q, k, v, causal=False, window_size=window)
+        torch.testing.assert_close(out, reference_attention(q, k, v, causal=False, window_size=window),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [-1, 3])
+@pytest.mark.parametrize("T_new", [1, 4])
+def test_kvcache_writes_in_place_and_matches_reference(window, T_new):
+    B, T_max, H, Hkv, D, pos = 2, 16, 4, 2, 8, 6
+    g = torch.Generator().manual_seed(4)
+    k_cache = torch.zeros(B, T_max, Hkv, D)
+    v_cache = torch.zeros(B, T_max, Hkv, D)
+    k_cache[:, :pos] = torch.randn(B, pos, Hkv, D, generator=g)
+    v_cache[:, :pos] = torch.randn(B, pos, Hkv, D, generator=g)
+    q, k_new, v_new = random_qkv(B, T_new, T_new, H, Hkv, D, seed=5)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    cache_seqlens = torch.full((B,), pos, dtype=torch.int32)
+
+    out = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens,
+                                             causal=True, window_size=(window, 0))
+
+    end = pos + T_new
+    torch.testing.assert_close(k_cache[:, pos:end], k_new, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache[:, pos:end], v_new, rtol=0, atol=0)
+    torch.testing.assert_close(k_cache[:, :pos], before_k[:, :pos], rtol=0, atol=0)
+    torch.testing.assert_close(v_cache[:, :pos], before_v[:, :pos], rtol=0, atol=0)
+    assert k_cache[:, end:].eq(0).all() and v_cache[:, end:].eq(0).all()
+    assert cache_seqlens.tolist() == [pos] * B  # the caller advances, not the kernel
+    expected = reference_attention(q, k_cache[:, :end], v_cache[:, :end], window_size=(window, 0))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kvcache_rejects_overflow_and_ragged_rows():
+    k_cache = torch.zeros(2, 8, 2, 4)
+    v_cache = torch.zeros(2, 8, 2, 4)
+    q, k, v = random_qkv(2, 3, 3, 2, 2, 4)
+    with pytest.raises(ValueError, match="overflow"):
+        flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                           cache_seqlens=torch.tensor([6, 6], dtype=torch.int32), causal=True)
+    with pytest.raises(ValueError, match="one position"):
+        flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                           cache_seqlens=torch.tensor([1, 2], dtype=torch.int32), causal=True)
+
+
+def test_override_impl_is_validated(monkeypatch):
+    q, k, v = random_qkv(1, 4, 4, 2, 2, 4)
+    monkeypatch.setattr(fa, "_override_impl", "flash")
+    with pytest.raises(ValueError, match="_override_impl"):
+        flash_attn.flash_attn_func(q, k, v, causal=True)
+    if not fa.HAS_FA3:
+        monkeypatch.setattr(fa, "_override_impl", "fa3")
+        with pytest.raises(RuntimeError, match="could not be loaded"):
+            flash_attn.flash_attn_func(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and fa.HAS_FA3), reason="needs CUDA with Flash Attention 3")
+@pytest.mark.parametrize("window", [-1, 64])
+def test_fa3_matches_sdpa(monkeypatch, window):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, Hkv, D = 2, 256, 8, 4, 128
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
+
+    q, k, v = rand(B, T, H, D), rand(B, T, Hkv, D), rand(B, T, Hkv, D)
+    results = {}
+    for impl in ("fa3", "sdpa"):
+        monkeypatch.setattr(fa, "_override_impl", impl)
+        full = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        k_cache = torch.zeros(B, T, Hkv, D, dtype=torch.bfloat16, device="cuda")
+        v_cache = torch.zeros_like(k_cache)
+        prefix = T - 8
+        seqlens = torch.zeros(B, dtype=torch.int32, device="cuda")
+        first = flash_attn.flash_attn_with_kvcache(q[:, :prefix], k_cache, v_cache, k=k[:, :prefix], v=v[:, :prefix],
+                                                   cache_seqlens=seqlens, causal=True, window_size=(window, 0))
+        seqlens += prefix
+        step = flash_attn.flash_attn_with_kvcache(q[:, prefix:prefix + 1], k_cache, v_cache,
+                                                  k=k[:, prefix:prefix + 1], v=v[:, prefix:prefix + 1],
+                                                  cache_seqlens=seqlens, causal=True, window_size=(window, 0))
+        results[impl] = (full.float(), first.float(), step.float())
+    for fa3_out, sdpa_out in zip(results["fa3"], results["sdpa"]):
+        torch.testing.assert_close(fa3_out, sdpa_out, rtol=2e-2, atol=2e-2)
