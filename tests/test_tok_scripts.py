@@ -1,0 +1,127 @@
+"""
+scripts/tok_train.py and scripts/tok_eval.py end to end, as subprocesses, on small shards written
+into a temporary $NANOCHAT_BASE_DIR: the outputs must exist, load, and agree with each other.
+"""
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_REFS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", "tiktoken_refs")
+VOCAB_SIZE, MAX_CHARS, DOC_CAP = 512, 300_000, 400
+
+
+def make_docs(num_docs, seed):
+    rng = random.Random(seed)
+    syllables = ["ba", "ne", "lo", "ri", "tu", "sam", "kor", "ex", "th", "ing", "er", "an", "ol"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    weights = [1 / (rank + 1) for rank in range(len(words))]
+    extras = ["I'm", "42", "1999", "3.5%", "café", "東京", "😀", "(a, b)", "\n\n"]
+    return [" ".join(rng.choices(words, weights)[0] if rng.random() < 0.9 else rng.choice(extras)
+                     for _ in range(rng.randint(10, 200))) for _ in range(num_docs)]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """Two train shards and the val shard, row groups of 256 docs."""
+    base = tmp_path_factory.mktemp("tok_scripts_base")
+    data_dir = base / "base_data"
+    for index, seed in [(0, 1), (1, 2), (VAL_SHARD_INDEX, 3)]:
+        write_shard(str(data_dir / shard_filename(index)), make_docs(600, seed), row_group_size=256)
+    return base
+
+
+def run_script(module, base_dir, *args):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir),
+               # A dead proxy makes any attempt of tiktoken to download fail at once, online or not.
+               HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{module} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir):
+    stdout = run_script("scripts.tok_train", base_dir, f"--max-chars={MAX_CHARS}", "--vocab-size", str(VOCAB_SIZE),
+                        "--doc_cap", str(DOC_CAP))  # underscore spelling is accepted too
+    return base_dir, stdout
+
+
+def test_tok_train_writes_a_loadable_tokenizer_and_matching_token_bytes(trained):
+    base_dir, stdout = trained
+    tokenizer = RustBPETokenizer.from_directory(str(base_dir / "tokenizer"))
+    assert tokenizer.get_vocab_size() == VOCAB_SIZE
+    assert [tokenizer.encode_special(s) for s in SPECIAL_TOKENS] == list(range(VOCAB_SIZE - 9, VOCAB_SIZE))
+    token_bytes = torch.load(base_dir / "tokenizer" / "token_bytes.pt")
+    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (VOCAB_SIZE,)
+    assert torch.equal(token_bytes, compute_token_bytes(tokenizer))
+    assert "Training time:" in stdout
+    assert not [f for f in os.listdir(base_dir / "tokenizer") if f.endswith(".tmp")]
+
+
+def test_tok_train_stops_just_past_max_chars_and_crops_documents(trained):
+    _, stdout = trained
+    match = re.search(r"Trained on ([\d,]+) docs \(([\d,]+) chars\)", stdout)
+    docs, chars = (int(g.replace(",", "")) for g in match.groups())
+    assert MAX_CHARS < chars <= MAX_CHARS + DOC_CAP  # the last document crosses the budget, then it stops
+    assert chars <= docs * DOC_CAP
+
+
+def test_tok_train_logs_its_report_section(trained):
+    base_dir, _ = trained
+    section = (base_dir / "report" / "tokenizer-training.md").read_text()
+    assert section.startswith("## Tokenizer training\ntimestamp: ")
+    for line in [f"- max_chars: {MAX_CHARS:,}", f"- vocab_size: {VOCAB_SIZE}", "- num_special_tokens: 9", "- train_time: "]:
+        assert line in section
+    stats = dict(re.findall(r"- (token_bytes_\w+): ([\d.]+)", section))
+    assert int(stats["token_bytes_min"]) == 1 and float(stats["token_bytes_mean"]) > 1
+
+
+def test_tok_train_help_states_the_defaults(capsys):
+    from scripts.tok_train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines by terminal width
+    assert "(default: 2B)" in help_text and "32768" in help_text and "10,000" in help_text
+
+
+def test_tok_eval_without_baselines_reports_ours(trained):
+    base_dir, _ = trained
+    shutil.rmtree(base_dir / "tiktoken_refs", ignore_errors=True)
+    stdout = run_script("scripts.tok_eval", base_dir)
+    assert "GPT-2 baseline unavailable" in stdout and "GPT-4 baseline unavailable" in stdout
+    section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    rows = re.findall(r"^\| ([\w-]+) \| (\d+) \| (\d+) \| ([\d.]+) \|$", section, re.MULTILINE)
+    assert [r[0] for r in rows] == ["news", "korean", "code", "math", "science", "fwe-train", "fwe-val"]
+    for _, num_bytes, tokens, ratio in rows:
+        assert abs(int(num_bytes) / int(tokens) - float(ratio)) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(USER_REFS_DIR),
+                    reason="reference rank files not fetched (run `python -m nanochat.tiktoken_refs`)")
+def test_tok_eval_compares_with_gpt2_and_gpt4(trained):
+    base_dir, _ = trained
+    shutil.copytree(USER_REFS_DIR, base_dir / "tiktoken_refs", dirs_exist_ok=True)
+    stdout = run_script("scripts.tok_eval", base_dir)
+    assert "Comparison with GPT-2:" in stdout and "Comparison with GPT-4:" in stdout
+    assert "GPT-2: 50,257" in stdout and "GPT-4: 100,277" in stdout
+    section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    assert "### Comparison with GPT-2" in section and "### Comparison with GPT-4" in section
+    rows = re.findall(r"^\| ([\w-]+) \| (\d+) \| (\d+) \| [\d.]+ \| (\d+) \| [\d.]+ \| ([+-][\d.]+)% \|$", section, re.MULTILINE)
+    assert len(rows) == 14
+    for _, _, baseline_tokens, our_tokens, diff in rows:
+        expected = (int(baseline_tokens) - int(our_tokens)) / int(baseline_tokens) * 100
+        assert abs(expected - float(diff)) < 0.051
