@@ -231,6 +231,9 @@ def compute_init(device_type="cuda"):
 
 def compute_cleanup():
     if is_ddp_initialized():
+        # Let every rank finish its collectives first: tearing gloo down while a peer still
+        # talks to it can abort the process at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
