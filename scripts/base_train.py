@@ -1,0 +1,507 @@
+"""
+Pretrain a base model on the FineWeb-Edu shards (or the offline corpus).
+
+One dial, --depth, sets the model: width = depth * aspect_ratio nudged up to a multiple of
+--head-dim, heads = width / head_dim. Learning rates, weight decay and the training horizon are
+derived from it as printed at start-up.
+
+Run it:
+    python -m scripts.base_train --depth=12                                   # one GPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
+    python -m scripts.base_train --depth=4 --max-seq-len=512 --device-batch-size=1 \
+        --eval-tokens=512 --core-metric-every=-1 --total-batch-size=512 --num-iterations=20   # CPU
+    python -m scripts.base_train --depth=4 ... --resume-from-step=10          # continue a run
+
+Reads  $NANOCHAT_BASE_DIR/base_data/*.parquet and $NANOCHAT_BASE_DIR/tokenizer/.
+Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.* and the
+"Base model training" section of the report.
+"""
+
+import os
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import argparse
+import gc
+import math
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat import flash_attention
+from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, load_optimizer_for_rank, save_checkpoint
+from nanochat.common import (
+    COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
+    get_base_dir, get_peak_flops, normalize_flag_names, print0, print_banner,
+)
+from nanochat.dataloader import (
+    tokenizing_distributed_data_loader_bos_bestfit,
+    tokenizing_distributed_data_loader_with_state_bos_bestfit,
+)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+REFERENCE_BATCH_SIZE = 2**19  # tokens per step at which the learning rates were tuned (d12)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Pretrain a base model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # logging and hardware
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    # model shape
+    parser.add_argument("--depth", type=int, default=20, help="number of transformer layers; sets every other dimension")
+    parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (nudged up to a multiple of head_dim)")
+    parser.add_argument("--head-dim", type=int, default=128, help="target attention head dimension")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="context length")
+    parser.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern over layers (S=half context, L=full); last layer is always L")
+    # horizon: the first one that is set wins
+    parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps (-1 = derive)")
+    parser.add_argument("--target-flops", type=float, default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
+    parser.add_argument("--target-param-data-ratio", type=float, default=10.5, help="derive steps from tokens:scaling-params (-1 = off)")
+    # batch
+    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
+    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (-1 = derive from the data size)")
+    # optimization
+    parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of wte and value embeddings")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12, scaled by (12/depth)^2")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    parser.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the residual scalars")
+    parser.add_argument("--adam-beta1", type=float, default=0.8)
+    parser.add_argument("--adam-beta2", type=float, default=0.95)
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
+    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of steps of linear LR warmdown at the end")
+    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
+    parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = start fresh)")
+    # evaluation, sampling, saving
+    parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = off)")
+    parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of val data per bpb evaluation")
+    parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE metric every N steps (-1 = off)")
+    parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
+    parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = off)")
+    parser.add_argument("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
+    parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
+    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+
+
+class ConfigError(ValueError):
+    """A flag combination that cannot work; the message says what to change."""
+
+
+def model_config_for_depth(args, vocab_size):
+    """SPEC 1.2: width = depth * aspect_ratio rounded up to a multiple of head_dim, so heads are exactly head_dim wide."""
+    if args.depth < 1:
+        raise ConfigError(f"--depth must be >= 1, got {args.depth}")
+    if args.head_dim < 2 or args.head_dim % 2:
+        raise ConfigError(f"--head-dim must be a positive even number (RoPE rotates pairs), got {args.head_dim}")
+    base_dim = args.depth * args.aspect_ratio
+    if base_dim < 1:
+        raise ConfigError(f"--aspect-ratio must be >= 1, got {args.aspect_ratio}")
+    model_dim = math.ceil(base_dim / args.head_dim) * args.head_dim
+    num_heads = model_dim // args.head_dim
+    return GPTConfig(
+        sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
+        n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern,
+    ), base_dim
+
+
+def build_model(config, device):
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def scaling_params(model):
+    """Kaplan-style parameter count used for the horizon: transformer matrices + lm_head (LOG 2026-01-27)."""
+    counts = model.num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def auto_total_batch_size(args, num_scaling_params, vocab_size):
+    """
+    Power Lines (arXiv 2505.13738): the best batch grows as data^0.383. Anchored at d12 with
+    2^19 tokens at the same tokens:params ratio, rounded to a power of two.
+    """
+    if args.target_param_data_ratio <= 0:
+        raise ConfigError("--total-batch-size=-1 derives the batch from --target-param-data-ratio; set a ratio > 0 or pass an explicit --total-batch-size")
+    reference_args = argparse.Namespace(**{**vars(args), "depth": 12, "aspect_ratio": 64, "head_dim": 128})
+    reference_config, _ = model_config_for_depth(reference_args, vocab_size)
+    with torch.device("meta"):
+        reference_params = scaling_params(GPT(reference_config))
+    data_ratio = num_scaling_params / reference_params  # D / D_ref at a fixed tokens:params ratio
+    return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * data_ratio**0.383)), data_ratio
+
+
+def compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size):
+    if args.num_iterations > 0:
+        return args.num_iterations, "--num-iterations"
+    if args.target_flops > 0:
+        return round(args.target_flops / (flops_per_token * total_batch_size)), "--target-flops"
+    if args.target_param_data_ratio > 0:
+        return int(args.target_param_data_ratio * num_scaling_params) // total_batch_size, "--target-param-data-ratio"
+    raise ConfigError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio")
+
+
+def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Linear warmup, flat, then linear warmdown to final_lr_frac."""
+    warmup_iters = round(warmup_ratio * num_iterations)
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    if it <= num_iterations - warmdown_iters:
+        return 1.0
+    progress = (num_iterations - it) / warmdown_iters
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it):
+    """0.85 -> 0.95 over the first 300 steps."""
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    print_banner()
+
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master_process = rank == 0
+    if device_type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+        peak_flops = get_peak_flops(gpu_name)
+        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
+    else:
+        peak_flops = float("inf")  # MFU is only meaningful on a GPU
+    print0(f"Compute dtype: {COMPUTE_DTYPE}")
+
+    if args.run == "dummy" or not master_process:
+        wandb_run = DummyWandb()
+    else:
+        import wandb
+        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
+
+    if flash_attention.HAS_FA3:
+        print0("Using Flash Attention 3 (Hopper).")
+    else:
+        print0("WARNING: Flash Attention 3 is not available; using PyTorch SDPA (slower).")
+        if args.window_pattern.upper() != "L":
+            print0(f"WARNING: SDPA runs the sliding windows of --window-pattern={args.window_pattern} with explicit masks, "
+                   "which is slow; consider --window-pattern=L.")
+
+    # Tokenizer
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    vocab_size = tokenizer.get_vocab_size()
+    print0(f"Vocab size: {vocab_size:,}")
+
+    # Model shape
+    config, base_dim = model_config_for_depth(args, vocab_size)
+    nudge = f" (nudged up from {base_dim})" if config.n_embd != base_dim else ""
+    print0(f"num_layers: {config.n_layer}")
+    print0(f"model_dim: {config.n_embd}{nudge}")
+    print0(f"num_heads: {config.n_head}")
+    print0(f"head_dim: {config.n_embd // config.n_head}")
+    print0(f"num_kv_heads: {config.n_kv_head}")
+
+    model = build_model(config, device)
+    num_params = model.num_scaling_params()
+    print0("Parameter counts:")
+    for key, value in num_params.items():
+        print0(f"{key:24s}: {value:,}")
+    num_scaling_params = scaling_params(model)
+    flops_per_token = model.estimate_flops()
+    print0(f"Scaling parameters (transformer matrices + lm_head): {num_scaling_params:,}")
+    print0(f"Estimated FLOPs per token: {flops_per_token:e}")
+
+    # Batch size, learning-rate scale and weight decay
+    total_batch_size = args.total_batch_size
+    weight_decay = args.weight_decay * (12 / args.depth) ** 2  # optimal WD ~ 1/width^2 (LOG 2026-01-10)
+    if total_batch_size == -1:
+        total_batch_size, data_ratio = auto_total_batch_size(args, num_scaling_params, vocab_size)
+        # constant T_epoch transfer (arXiv 2405.13698) replaces the depth rule when the batch moves too
+        weight_decay = args.weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) / data_ratio
+        print0(f"Auto total batch size: {total_batch_size:,} tokens")
+    elif total_batch_size <= 0:
+        raise ConfigError(f"--total-batch-size must be positive (or -1 for auto), got {total_batch_size}")
+    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
+    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+    if args.device_batch_size < 1 or total_batch_size % world_tokens_per_fwdbwd != 0:
+        raise ConfigError(
+            f"--total-batch-size={total_batch_size} must be a positive multiple of device_batch_size * max_seq_len * world_size "
+            f"= {args.device_batch_size} * {args.max_seq_len} * {world_size} = {world_tokens_per_fwdbwd}; "
+            f"change --total-batch-size or --device-batch-size")
+    grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+    print0(f"Tokens / micro-batch / rank: {args.device_batch_size} x {args.max_seq_len} = {tokens_per_fwdbwd:,}")
+    print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
+    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    eval_steps = args.eval_tokens // world_tokens_per_fwdbwd
+    if args.eval_every > 0 and eval_steps == 0:
+        raise ConfigError(f"--eval-tokens={args.eval_tokens} is less than one evaluation batch ({world_tokens_per_fwdbwd} tokens); raise it or pass --eval-every=-1")
+    batch_lr_scale = math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE)
+    if batch_lr_scale != 1.0:
+        print0(f"Scaling learning rates by sqrt({total_batch_size}/{REFERENCE_BATCH_SIZE}) = {batch_lr_scale:.4f}")
+    print0(f"Muon weight decay: {weight_decay:.6f}")
+
+    num_iterations, horizon_source = compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size)
+    if num_iterations < 1:
+        raise ConfigError(f"the horizon from {horizon_source} is {num_iterations} steps; it must be at least 1")
+    total_tokens = total_batch_size * num_iterations
+    print0(f"Calculated number of iterations from {horizon_source}: {num_iterations:,}")
+    print0(f"Total number of training tokens: {total_tokens:,}")
+    print0(f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}")
+    print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
+
+    # Resume: weights, this rank's optimizer state, data position and loop state
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    resuming = args.resume_from_step >= 0
+    meta = None
+    if resuming:
+        print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
+        model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=False, rank=rank)
+        saved_config = GPTConfig(**meta["model_config"])
+        if saved_config != config:
+            raise ConfigError(f"the checkpoint at step {args.resume_from_step} was trained with {saved_config}, "
+                              f"but these flags give {config}; resume with the original shape flags")
+        model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+        model.load_state_dict(model_data, strict=True, assign=True)
+        del model_data
+
+    orig_model = model  # uncompiled: for saving, sampling and variable-shape evaluation
+    if device_type == "cuda":
+        model = torch.compile(model, dynamic=False)
+
+    optimizer = orig_model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
+        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=weight_decay,
+        adam_betas=(args.adam_beta1, args.adam_beta2), scalar_lr=args.scalar_lr * batch_lr_scale,
+    )
+    if resuming:
+        optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, args.resume_from_step, device, rank, world_size))
+
+    # fp16 needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
+
+    # Data
+    loader_state = None
+    if resuming:
+        per_rank_states = meta.get("dataloader_state_dicts")
+        if per_rank_states and len(per_rank_states) == world_size:
+            loader_state = per_rank_states[rank]
+        else:
+            loader_state = meta["dataloader_state_dict"]  # other world size: the loader resumes approximately
+    train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_state)
+    x, y, next_loader_state = next(train_loader)  # prefetch
+    consumed_loader_state = loader_state  # position after the last batch actually trained on
+
+    def build_val_loader():
+        return tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
+
+    # Loop state
+    step = args.resume_from_step if resuming else 0
+    loop_state = meta["loop_state"] if resuming else {}
+    min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
+    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
+    total_training_time = loop_state.get("total_training_time", 0.0)
+    val_bpb = meta.get("val_bpb") if resuming else None
+    results = {}
+    mfu = 0.0
+    core_evaluator = None
+    if args.core_metric_every > 0:
+        try:
+            from scripts.base_eval import evaluate_model as core_evaluator
+        except ImportError:
+            print0("NOTE: the CORE evaluator (scripts/base_eval.py) is not part of this build yet; --core-metric-every is ignored")
+
+    while True:
+        last_step = step == num_iterations
+        flops_so_far = flops_per_token * total_batch_size * step
+
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
+            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
+            model.train()
+
+        if core_evaluator is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            orig_model.eval()
+            results = core_evaluator(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+            print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}")
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
+                           "centered_results": results["centered_results"]})
+            orig_model.train()
+
+        if master_process and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            for prompt in SAMPLE_PROMPTS:
+                tokens = tokenizer(prompt, prepend="<|bos|>")
+                sample = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
+                print0(tokenizer.decode(tokens + sample))
+            orig_model.train()
+
+        if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
+            loader_states = [consumed_loader_state]
+            if ddp:
+                loader_states = [None] * world_size
+                dist.all_gather_object(loader_states, consumed_loader_state)
+            save_checkpoint(
+                checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
+                {
+                    "step": step,
+                    "val_bpb": val_bpb,
+                    "model_config": dict(config.__dict__),
+                    "user_config": user_config,
+                    "device_batch_size": args.device_batch_size,
+                    "max_seq_len": args.max_seq_len,
+                    "total_batch_size": total_batch_size,
+                    "world_size": world_size,
+                    "dataloader_state_dict": loader_states[0],
+                    "dataloader_state_dicts": loader_states,
+                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
+                                   "total_training_time": total_training_time},
+                },
+                rank=rank,
+            )
+
+        if last_step:
+            break
+
+        # One optimizer step: grad_accum_steps micro-batches, then the update
+        synchronize(device)
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            loss = model(x, y)
+            train_loss = loss.detach()
+            loss = loss / grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            consumed_loader_state = next_loader_state
+            x, y, next_loader_state = next(train_loader)  # prefetch while the GPU works
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+                group["weight_decay"] = weight_decay * (1 - step / num_iterations)
+        if scaler:
+            step_with_loss_scaling(scaler, optimizer, ddp)
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss_f = train_loss.item()
+        synchronize(device)
+        dt = time.time() - t0
+
+        # Logging
+        ema_beta = 0.9
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))
+        pct_done = 100 * step / num_iterations
+        tok_per_sec = int(total_batch_size / dt)
+        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world_size)
+        if step > 10:
+            total_training_time += dt  # the first steps include compilation
+        steps_timed = max(step - 10, 1)
+        eta_min = (total_training_time / steps_timed) * (num_iterations - step) / 60 if step > 10 else float("nan")
+        epoch = next_loader_state.get("epoch", 1) if isinstance(next_loader_state, dict) else 1
+        print0(f"step {step:05d}/{num_iterations:05d} ({pct_done:.2f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
+               f"total time: {total_training_time / 60:.2f}m | eta: {eta_min:.1f}m")
+        if step % 100 == 0:
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+                           "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                           "train/mfu": mfu, "train/epoch": epoch})
+
+        # Python's GC pauses cost ~0.5 s each at this allocation rate; freeze what exists after the first step
+        if step == 0:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+        step += 1
+
+    peak_memory_mib = torch.cuda.max_memory_allocated() / 1024**2 if device_type == "cuda" else 0.0
+    print0(f"Peak memory usage: {peak_memory_mib:.2f}MiB")
+    print0(f"Total training time: {total_training_time / 60:.2f}m")
+    print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+
+    get_report().log(section="Base model training", data=[
+        user_config,
+        {
+            "Number of parameters": num_params["total"],
+            "Number of FLOPs per token": f"{flops_per_token:e}",
+            "Calculated number of iterations": num_iterations,
+            "Number of training tokens": total_tokens,
+            "Tokens : Scaling params ratio": total_tokens / num_scaling_params,
+            "DDP world size": world_size,
+            "warmup_ratio": args.warmup_ratio,
+            "warmdown_ratio": args.warmdown_ratio,
+            "final_lr_frac": args.final_lr_frac,
+        },
+        {
+            "Minimum validation bpb": min_val_bpb if min_val_bpb != float("inf") else None,
+            "Final validation bpb": val_bpb,
+            "CORE metric estimate": results.get("core_metric"),
+            "MFU %": f"{mfu:.2f}%",
+            "Total training flops": f"{flops_per_token * total_tokens:e}",
+            "Total training time": f"{total_training_time / 60:.2f}m",
+            "Peak memory usage": f"{peak_memory_mib:.2f}MiB",
+        },
+    ])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+def step_with_loss_scaling(scaler, optimizer, ddp):
+    """
+    fp16: unscale, agree across ranks on whether any rank saw inf/nan (MuonAdamW averages
+    gradients inside step(), so every rank must skip or step together, and every rank's scaler
+    must shrink or grow alike), then step.
+    """
+    scaler.unscale_(optimizer)
+    found_inf_tensors = list(scaler._found_inf_per_device(optimizer).values())  # GradScaler keeps no public handle
+    found_inf = torch.stack([t.float() for t in found_inf_tensors]).max()
+    if ddp:
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    for t in found_inf_tensors:
+        t.copy_(found_inf)
+    if found_inf.item() == 0:
+        optimizer.step()
+    scaler.update()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, CheckpointError) as error:
+        print0(f"base_train: {error}")
+        compute_cleanup()
+        sys.exit(2)
