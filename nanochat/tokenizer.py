@@ -201,7 +201,7 @@ class RustBPETokenizer(ConversationRendering):
         trainer.train_from_iterator(iter(text_iterator), num_mergeable, pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         if len(mergeable_ranks) < num_mergeable:
-            # rustbpe stops when no pair occurs twice; the vocab is then smaller than asked for.
+            # rustbpe stops early when no adjacent pair is left to merge; the vocab is then smaller than asked for.
             print(f"Warning: the training text only supported {len(mergeable_ranks)} of the {num_mergeable} "
                   f"mergeable tokens asked for; vocab size will be {len(mergeable_ranks) + len(SPECIAL_TOKENS)}")
         offset = len(mergeable_ranks)
