@@ -115,6 +115,20 @@ pub fn merge_pair_in_word(
 type PairCounts = AHashMap<Pair, i64>;
 type PairWords = AHashMap<Pair, Vec<u32>>;
 
+/// Queues one merge job for every pair that still occurs.
+fn push_jobs(heap: &mut BinaryHeap<MergeJob>, pair_counts: &PairCounts, pair_words: PairWords) {
+    for (pair, found_in) in pair_words {
+        let count = pair_counts[&pair];
+        if count > 0 {
+            heap.push(MergeJob {
+                pair,
+                count,
+                words: found_in,
+            });
+        }
+    }
+}
+
 /// Counts every adjacent pair (weighted by word count) and where it occurs, in parallel.
 fn count_pairs(words: &[Vec<u32>], counts: &[i64]) -> (PairCounts, PairWords) {
     words
@@ -166,16 +180,7 @@ pub fn learn_merges<E>(
     let (mut pair_counts, pair_words) = count_pairs(&words, &counts);
 
     let mut heap = BinaryHeap::with_capacity(pair_words.len());
-    for (pair, found_in) in pair_words {
-        let count = pair_counts[&pair];
-        if count > 0 {
-            heap.push(MergeJob {
-                pair,
-                count,
-                words: found_in,
-            });
-        }
-    }
+    push_jobs(&mut heap, &pair_counts, pair_words);
 
     let mut merges: Vec<Pair> = Vec::with_capacity(num_merges as usize);
     // Report every 1% (for fewer than 100 merges, only at the end).
@@ -222,16 +227,7 @@ pub fn learn_merges<E>(
                 },
             );
         }
-        for (pair, found_in) in created {
-            let count = pair_counts[&pair];
-            if count > 0 {
-                heap.push(MergeJob {
-                    pair,
-                    count,
-                    words: found_in,
-                });
-            }
-        }
+        push_jobs(&mut heap, &pair_counts, created);
 
         let done = merges.len() as u32;
         if done % report_every == 0 || done == num_merges {
