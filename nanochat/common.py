@@ -90,6 +90,10 @@ def download_file_with_lock(url, filename, postprocess_fn=None):
         def fetch(tmp_path):
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp_path, "wb") as f:
                 shutil.copyfileobj(response, f)
+                expected = response.headers.get("Content-Length")
+                # A dropped connection can end the body early without an exception: check the size.
+                if expected is not None and f.tell() != int(expected):
+                    raise OSError(f"download of {url} was cut short: got {f.tell()} of {expected} bytes; try again")
 
         atomic_write(file_path, fetch)
         print(f"Downloaded to {file_path}")

@@ -1,0 +1,146 @@
+"""Tests of nanochat/common.py: base dir, flags, dtype selection, peak FLOPs, atomic writes and locked downloads."""
+
+import http.server
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from nanochat import common
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_base_dir_comes_from_the_environment_and_is_created(tmp_path, monkeypatch):
+    target = tmp_path / "nested" / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(target))
+    assert common.get_base_dir() == str(target)
+    assert target.is_dir()
+
+
+def test_underscore_flags_are_accepted_as_kebab_case():
+    argv = ["--device_batch_size=16", "--depth", "4", "--model_tag=my_model", "-x", "--run=a_b", "--", "--x_y"]
+    assert common.normalize_flag_names(argv) == [
+        "--device-batch-size=16", "--depth", "4", "--model-tag=my_model", "-x", "--run=a_b", "--", "--x-y"]
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12),
+])
+def test_peak_flops_by_gpu_name(name, flops):
+    assert common.get_peak_flops(name) == flops
+
+
+def test_unknown_gpu_has_infinite_peak_so_mfu_reads_zero():
+    assert common.get_peak_flops("Some Future Accelerator") == float("inf")
+
+
+@pytest.mark.parametrize("value, expected", [("bfloat16", "torch.bfloat16"), ("float16", "torch.float16"),
+                                             ("float32", "torch.float32"), ("", "torch.float32")])
+def test_compute_dtype_follows_nanochat_dtype(value, expected):
+    env = {**os.environ, "NANOCHAT_DTYPE": value}
+    out = subprocess.run([sys.executable, "-c", "from nanochat.common import COMPUTE_DTYPE; print(COMPUTE_DTYPE)"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == expected  # "" autodetects: fp32 without a GPU
+
+
+def test_bad_compute_dtype_is_a_clear_error():
+    env = {**os.environ, "NANOCHAT_DTYPE": "int8"}
+    result = subprocess.run([sys.executable, "-c", "import nanochat.common"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "NANOCHAT_DTYPE='int8' is not one of bfloat16, float16, float32" in result.stderr
+
+
+def test_compute_init_on_cpu_without_torchrun(monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    ddp, rank, local_rank, world_size, device = common.compute_init("cpu")
+    assert (ddp, rank, local_rank, world_size, device.type) == (False, 0, 0, 1, "cpu")
+    with pytest.raises(ValueError, match="device_type must be cuda, mps or cpu"):
+        common.compute_init("tpu")
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    path = tmp_path / "out.bin"
+    common.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"first"))
+    assert path.read_bytes() == b"first"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    def crash(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        common.atomic_write(str(path), crash)
+    assert path.read_bytes() == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"]  # no temp file left behind
+
+
+class _Server:
+    """A local HTTP server: GET /ok returns a body; GET /fail drops the connection mid-body."""
+
+    def __init__(self):
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests += 1
+                body = b"payload " * 1000
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.path == "/fail":
+                    self.wfile.write(body[:100])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def test_download_with_lock_fetches_once_and_postprocesses_once(tmp_path, monkeypatch, server):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    calls = []
+    path = common.download_file_with_lock(server.url + "/ok", "data.bin", postprocess_fn=calls.append)
+    assert open(path, "rb").read() == b"payload " * 1000
+    again = common.download_file_with_lock(server.url + "/ok", "data.bin", postprocess_fn=calls.append)
+    assert again == path and calls == [path] and server.requests == 1
+
+
+def test_download_with_lock_leaves_nothing_behind_when_the_connection_drops(tmp_path, monkeypatch, server):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(Exception):
+        common.download_file_with_lock(server.url + "/fail", "data.bin")
+    assert not (tmp_path / "data.bin").exists()
+    assert [name for name in os.listdir(tmp_path) if not name.endswith(".lock")] == []
