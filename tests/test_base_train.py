@@ -10,11 +10,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+
+from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,9 +45,8 @@ def base_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("base_train_base")
     data_dir = base / "base_data"
     data_dir.mkdir()
-    for index, seed in [(0, 0), (1, 1), (2, 2), (1822, 99)]:
-        table = pa.table({"text": synthetic_documents(400, seed)})
-        pq.write_table(table, data_dir / f"shard_{index:05d}.parquet", row_group_size=64)
+    for index, seed in [(0, 0), (1, 1), (2, 2), (VAL_SHARD_INDEX, 99)]:
+        write_shard(str(data_dir / shard_filename(index)), synthetic_documents(400, seed), row_group_size=64)
     env = child_env(base)
     subprocess.run([sys.executable, "-m", "scripts.tok_train", "--max-chars=2000000", "--vocab-size=512"],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)
