@@ -23,6 +23,7 @@ TINY_FLAGS = [
     "--device-type=cpu",
 ]
 STEP_LINE = re.compile(r"^step (\d{5})/\d{5} .*\| loss: ([0-9.]+) \|")
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 VAL_LINE = re.compile(r"^Step (\d{5}) \| Validation bpb: ([0-9.]+)$")
 
 
@@ -68,7 +69,12 @@ def run_base_train(base, *flags, nproc=1, timeout=300):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "scripts.base_train", "--", *TINY_FLAGS, *flags]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base), capture_output=True, text=True, timeout=timeout)
+    if nproc > 1 and result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        # gloo on CPU rarely aborts a rank while the interpreter exits, after all work is done
+        # (~1 in 50 launches here); that says nothing about the code under test: run it again.
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base), capture_output=True, text=True, timeout=timeout)
+    return result
 
 
 def parse_losses(output):
