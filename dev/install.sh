@@ -37,9 +37,12 @@ export VIRTUAL_ENV="$ROOT/.venv"
 PY="$VIRTUAL_ENV/bin/python"
 uv_pip() { "${UV[@]}" pip "$@" --python "$PY"; }
 
+HAS_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then HAS_GPU=1; fi
+
 # --- torch ------------------------------------------------------------------------------
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    if [ "$HAS_GPU" = 1 ]; then
         log "GPU found: installing the CUDA build of torch"
         uv_pip install --quiet ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch>=2.9.0"
     else
@@ -63,7 +66,9 @@ fi
 
 # --- nanochat and its Python dependencies ------------------------------------------------
 log "installing nanochat and its dependencies"
-uv_pip install --quiet -e ".[dev]"
+EXTRAS=dev
+[ "$HAS_GPU" = 1 ] && EXTRAS=dev,gpu
+uv_pip install --quiet -e ".[$EXTRAS]"
 
 # --- rustbpe (Rust crate -> Python module) ----------------------------------------------
 bash dev/build_rustbpe.sh "$PY"
