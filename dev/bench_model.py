@@ -1,0 +1,110 @@
+"""
+Training-step throughput of the GPT + MuonAdamW alone: no data, no tokenizer (random token ids),
+so it runs on a fresh GPU machine with nothing but torch. Prints tokens/s, MFU, peak memory and
+which attention kernel ran, per configuration; the last line is one JSON document.
+
+    python dev/bench_model.py                                   # d12 and d20, device batch 32 and 16
+    python dev/bench_model.py --depths 20 --batch-sizes 32 --steps 30
+    python dev/bench_model.py --depths 2 --batch-sizes 2 --seq-len 128 --steps 3 --no-compile   # CPU smoke run
+
+Numbers go to dev/LOG.md with the date, machine and command.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from nanochat import flash_attention  # noqa: E402
+from nanochat.common import COMPUTE_DTYPE, get_peak_flops  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+
+
+def bench(depth, batch_size, seq_len, vocab_size, steps, warmup, compile_model, window_pattern, device):
+    head_dim = 128
+    model_dim = -(-depth * 64 // head_dim) * head_dim  # base_train's nudge up to a multiple of head_dim
+    n_head = model_dim // head_dim
+    config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                       n_kv_head=n_head, n_embd=model_dim, window_pattern=window_pattern)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizer = model.setup_optimizer(weight_decay=0.2 * (12 / depth) ** 2)
+    train_model = torch.compile(model, dynamic=False) if compile_model else model
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len), device=device, generator=generator)
+    y = torch.randint(0, vocab_size, (batch_size, seq_len), device=device, generator=generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for step in range(warmup + steps):
+        sync()
+        t0 = time.time()
+        loss = train_model(x, y)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        sync()
+        if step >= warmup:
+            times.append(time.time() - t0)
+
+    dt = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
+    tokens = batch_size * seq_len
+    peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
+    flops_per_token = model.estimate_flops()
+    return {
+        "depth": depth, "model_dim": model_dim, "device_batch_size": batch_size, "seq_len": seq_len,
+        "compile": compile_model, "window_pattern": window_pattern,
+        "attention": "fa3" if flash_attention.HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16 else "sdpa",
+        "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "step_ms": round(dt * 1000, 2),
+        "tok_per_sec": round(tokens / dt), "mfu_percent": round(100 * flops_per_token * tokens / dt / peak, 2),
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+        "final_loss": round(loss.item(), 4),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", type=str, default="12,20", help="comma-separated depths")
+    parser.add_argument("--batch-sizes", type=str, default="32,16", help="comma-separated device batch sizes (rows)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--window-pattern", type=str, default="SSSL")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the model")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} | "
+          f"dtype: {COMPUTE_DTYPE} | FA3 available: {flash_attention.HAS_FA3} | torch {torch.__version__}")
+    results = []
+    for depth in map(int, args.depths.split(",")):
+        for batch_size in map(int, args.batch_sizes.split(",")):
+            try:
+                result = bench(depth, batch_size, args.seq_len, args.vocab_size, args.steps, args.warmup,
+                               not args.no_compile, args.window_pattern, device)
+            except torch.OutOfMemoryError:
+                result = {"depth": depth, "device_batch_size": batch_size, "error": "out of memory"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(" | ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
+            results.append(result)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
