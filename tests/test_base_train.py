@@ -12,8 +12,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
+from nanochat.gpt import GPT
+from scripts.base_train import (
+    auto_total_batch_size, lr_multiplier, model_config_for_depth, muon_momentum, parse_args, scaling_params,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,3 +200,27 @@ def test_base_loss_reports_bpb_of_the_trained_model(base_dir):
     # the val bpb base_train printed at its last step used 512 tokens from the same loader
     assert float(bpb["val"]) == pytest.approx(parse_val_bpb(trained.stdout)[3], abs=1e-4)
     assert "The capital of France is" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# The derived hyperparameters (pure functions of the flags; no training)
+
+
+def test_auto_batch_size_follows_the_power_lines_rule():
+    """--total-batch-size=-1: 2^round(log2(2^19 * (D/D_ref)^0.383)) with D_ref at d12 (SPEC 17 item 5)."""
+    expected = {8: 2**18, 10: 2**19, 12: 2**19, 16: 2**19, 18: 2**20, 20: 2**20, 26: 2**20, 32: 2**21}
+    for depth, batch in expected.items():
+        args = parse_args([f"--depth={depth}", "--total-batch-size=-1"])
+        config, _ = model_config_for_depth(args, 32768)
+        with torch.device("meta"):
+            params = scaling_params(GPT(config))
+        assert auto_total_batch_size(args, params, 32768)[0] == batch, depth
+
+
+def test_lr_schedule_is_flat_then_linear_warmdown():
+    N = 100
+    assert [lr_multiplier(it, N, 0.0, 0.5, 0.0) for it in (0, 25, 50)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(75, N, 0.0, 0.5, 0.0) == pytest.approx(0.5)
+    assert lr_multiplier(100, N, 0.0, 0.5, 0.1) == pytest.approx(0.1)
+    assert [lr_multiplier(it, N, 0.1, 0.5, 0.0) for it in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert (muon_momentum(0), muon_momentum(150), muon_momentum(300), muon_momentum(5000)) == pytest.approx((0.85, 0.90, 0.95, 0.95))
