@@ -23,19 +23,14 @@ import torch  # noqa: E402
 
 from nanochat import flash_attention  # noqa: E402
 from nanochat.common import COMPUTE_DTYPE, get_peak_flops  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from scripts.base_train import build_model, model_config_for_depth, parse_args  # noqa: E402
 
 
 def bench(depth, batch_size, seq_len, vocab_size, steps, warmup, compile_model, window_pattern, device):
-    head_dim = 128
-    model_dim = -(-depth * 64 // head_dim) * head_dim  # base_train's nudge up to a multiple of head_dim
-    n_head = model_dim // head_dim
-    config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                       n_kv_head=n_head, n_embd=model_dim, window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    # the same shape derivation and construction as base_train (depth -> width nudged to head_dim)
+    args = parse_args([f"--depth={depth}", f"--max-seq-len={seq_len}", f"--window-pattern={window_pattern}"])
+    config, _ = model_config_for_depth(args, vocab_size)
+    model = build_model(config, device)
     optimizer = model.setup_optimizer(weight_decay=0.2 * (12 / depth) ** 2)
     train_model = torch.compile(model, dynamic=False) if compile_model else model
 
@@ -66,7 +61,7 @@ def bench(depth, batch_size, seq_len, vocab_size, steps, warmup, compile_model, 
     peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
     flops_per_token = model.estimate_flops()
     return {
-        "depth": depth, "model_dim": model_dim, "device_batch_size": batch_size, "seq_len": seq_len,
+        "depth": depth, "model_dim": config.n_embd, "device_batch_size": batch_size, "seq_len": seq_len,
         "compile": compile_model, "window_pattern": window_pattern,
         "attention": "fa3" if flash_attention.HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16 else "sdpa",
         "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "step_ms": round(dt * 1000, 2),

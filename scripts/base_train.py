@@ -430,7 +430,7 @@ def main(argv=None):
             total_training_time += dt  # the first steps include compilation
         steps_timed = max(step - 10, 1)
         eta = f"{(total_training_time / steps_timed) * (num_iterations - step) / 60:.1f}m" if step > 10 else "n/a"
-        epoch = next_loader_state.get("epoch", 1) if isinstance(next_loader_state, dict) else 1
+        epoch = next_loader_state["epoch"]
         print0(f"step {step:05d}/{num_iterations:05d} ({pct_done:.2f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
                f"total time: {total_training_time / 60:.2f}m | eta: {eta}")
