@@ -238,6 +238,24 @@ def _patch_missing_keys(model_data, model_config):
         log0("Patching missing x0_lambdas in model data to 0.0")
 
 
+def _strip_compile_prefix(model_data):
+    # torch.compile wraps the model and prefixes every key with _orig_mod.
+    return {k.replace("_orig_mod.", ""): v for k, v in model_data.items()}
+
+
+def load_model_state(model, model_data):
+    """
+    Load a saved state dict into an initialized model (strict): drop torch.compile's `_orig_mod.`
+    key prefixes and give every tensor the device and dtype this model uses (e.g. bf16 embeddings
+    on CUDA, fp32 on CPU/MPS), whatever device the checkpoint was saved from.
+    """
+    model_data = _strip_compile_prefix(model_data)
+    expected = model.state_dict()
+    device = model.get_device()
+    model_data = {k: v.to(device=device, dtype=expected[k].dtype) if k in expected else v for k, v in model_data.items()}
+    model.load_state_dict(model_data, strict=True, assign=True)
+
+
 def build_model(checkpoint_dir, step, device, phase):
     """
     Load a checkpoint into a ready GPT and the tokenizer. phase is "train" or "eval".
@@ -247,12 +265,7 @@ def build_model(checkpoint_dir, step, device, phase):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
-    if device.type in ("cpu", "mps"):
-        # bf16 tensors saved on CUDA: CPU/MPS compute in fp32
-        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
-    # torch.compile wraps the model and prefixes every key with _orig_mod.
-    model_data = {k.replace("_orig_mod.", ""): v for k, v in model_data.items()}
-
+    model_data = _strip_compile_prefix(model_data)  # before patching, so patches see the real key names
     model_config_kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(model_config_kwargs)
     log0(f"Building model with config: {model_config_kwargs}")
@@ -263,11 +276,7 @@ def build_model(checkpoint_dir, step, device, phase):
         model = GPT(model_config)
     model.to_empty(device=device)
     model.init_weights()  # recomputes the rotary buffers, which are not in the state dict
-    # Keep the dtypes this model uses on this device (e.g. bf16 embeddings on CUDA), whatever
-    # device the checkpoint was saved from.
-    expected = model.state_dict()
-    model_data = {k: v.to(device=device, dtype=expected[k].dtype) if k in expected else v for k, v in model_data.items()}
-    model.load_state_dict(model_data, strict=True, assign=True)
+    load_model_state(model, model_data)
     if phase == "eval":
         model.eval()
     else:

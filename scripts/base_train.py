@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat import flash_attention
-from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, load_optimizer_for_rank, save_checkpoint
+from nanochat.checkpoint_manager import (
+    CheckpointError, load_checkpoint, load_model_state, load_optimizer_for_rank, save_checkpoint,
+)
 from nanochat.common import (
     COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
     get_base_dir, get_peak_flops, normalize_flag_names, print0, print_banner,
@@ -288,8 +290,7 @@ def main(argv=None):
         if saved_config != config:
             raise ConfigError(f"the checkpoint at step {args.resume_from_step} was trained with {saved_config}, "
                               f"but these flags give {config}; resume with the original shape flags")
-        model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-        model.load_state_dict(model_data, strict=True, assign=True)
+        load_model_state(model, model_data)
         del model_data
 
     orig_model = model  # uncompiled: for saving, sampling and variable-shape evaluation

@@ -174,6 +174,27 @@ def test_bf16_tensors_are_cast_to_fp32_on_cpu(base_dir, tokenizer):
     assert all(p.requires_grad for p in loaded.parameters())
 
 
+def test_load_model_state_takes_compiled_bf16_state_into_the_models_dtypes():
+    """What base_train's resume uses: a checkpoint from a compiled CUDA run (bf16, _orig_mod.) loads on CPU."""
+    saved = make_model(tiny_config(300), seed=0)
+    compiled_bf16 = {f"_orig_mod.{k}": v.to(torch.bfloat16) for k, v in saved.state_dict().items()}
+    target = make_model(tiny_config(300), seed=1)
+    cm.load_model_state(target, compiled_bf16)
+    for key, tensor in target.state_dict().items():
+        assert tensor.dtype == torch.float32, key
+        assert torch.equal(tensor, compiled_bf16[f"_orig_mod.{key}"].float()), key
+
+
+def test_compiled_old_checkpoint_keeps_its_saved_lambdas(base_dir, tokenizer):
+    """Prefixes are stripped before the missing-key patches, so saved lambdas are never overwritten."""
+    model = make_model(tiny_config(tokenizer.get_vocab_size()))
+    prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    save_model(base_dir / "base_checkpoints" / "d2", 4, model, model_data=prefixed)
+    loaded, _, _ = cm.load_model("base", "cpu", phase="eval")
+    assert torch.equal(loaded.resid_lambdas, model.resid_lambdas)
+    assert torch.equal(loaded.x0_lambdas, model.x0_lambdas)
+
+
 def test_old_checkpoint_without_lambdas_or_window_pattern_is_patched(base_dir, tokenizer):
     config = tiny_config(tokenizer.get_vocab_size(), window_pattern="L")
     model = make_model(config)
