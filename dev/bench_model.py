@@ -80,8 +80,10 @@ def main():
     parser.add_argument("--window-pattern", type=str, default="SSSL")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the model")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the model and optimizer kernels")
     args = parser.parse_args()
+    if args.no_compile:
+        os.environ["NANOCHAT_COMPILE"] = "0"  # the optimizer reads it at each step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} | "

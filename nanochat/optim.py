@@ -21,9 +21,9 @@ shards the work ZeRO-2 style, in three phases so communication overlaps compute:
 With W == 1 the same code runs with every collective skipped and the rank owning everything.
 
 The math is one function per kind (adamw_update_, muon_update_), run through torch.compile
-(dynamic=False, fullgraph=True) on CUDA and eagerly elsewhere; NANOCHAT_OPTIM_COMPILE=1/0
-forces compilation on/off. Hyperparameters reach it as 0-D CPU tensors refilled before each
-call, so an LR/momentum/wd schedule never recompiles.
+(dynamic=False, fullgraph=True) unless NANOCHAT_COMPILE=0 (common.compile_enabled).
+Hyperparameters reach it as 0-D CPU tensors refilled before each call, so an LR/momentum/wd
+schedule never recompiles.
 
 Checkpoints: state_dict() is THIS rank's shard, in torch's layout ({"state": {param index:
 {...}}, "param_groups": [...]}) plus a "sharding" entry {"world_size", "rank", "param_shapes"}
@@ -40,12 +40,11 @@ calling load_state_dict(full) on every rank.
 """
 
 import math
-import os
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import COMPUTE_DTYPE, compile_enabled
 
 # AdamW params smaller than this are all-reduced and updated on every rank: sharding a handful
 # of scalars would cost more in collectives than it saves.
@@ -137,15 +136,11 @@ def muon_update_(grads, params, momentum_buffer, second_momentum_buffer,
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-# torch.compile is on by default on CUDA only: on CPU a cold compile costs 12-18 s, far more
-# than it saves for the small models run there. NANOCHAT_OPTIM_COMPILE=1/0 forces it on/off.
 _compiled_kernels = {}
 
 
 def _kernel(fn, device):
-    flag = os.environ.get("NANOCHAT_OPTIM_COMPILE", "").strip().lower()
-    use_compile = flag in ("1", "true", "yes") if flag else device.type == "cuda"
-    if use_compile:
+    if compile_enabled(device.type):
         if fn not in _compiled_kernels:
             _compiled_kernels[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
         return _compiled_kernels[fn]

@@ -35,7 +35,7 @@ from nanochat.checkpoint_manager import (
     CheckpointError, load_checkpoint, load_model_state, load_optimizer_for_rank, save_checkpoint,
 )
 from nanochat.common import (
-    COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
+    COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compile_enabled, compute_cleanup, compute_init,
     get_base_dir, get_peak_flops, normalize_flag_names, print0, print_banner,
 )
 from nanochat.dataloader import (
@@ -294,7 +294,7 @@ def main(argv=None):
         del model_data
 
     orig_model = model  # uncompiled: for saving, sampling and variable-shape evaluation
-    if device_type == "cuda":
+    if compile_enabled(device_type):
         model = torch.compile(model, dynamic=False)
 
     optimizer = orig_model.setup_optimizer(

@@ -144,3 +144,20 @@ def test_download_with_lock_leaves_nothing_behind_when_the_connection_drops(tmp_
         common.download_file_with_lock(server.url + "/fail", "data.bin")
     assert not (tmp_path / "data.bin").exists()
     assert [name for name in os.listdir(tmp_path) if not name.endswith(".lock")] == []
+
+
+def test_compile_is_on_by_default_off_by_env_and_off_without_a_cpu_compiler(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
+    monkeypatch.setattr(common, "_compile_warning_shown", False)
+    assert common.compile_enabled("cuda")
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    assert not common.compile_enabled("cuda")
+    monkeypatch.setenv("NANOCHAT_COMPILE", "1")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: no g++, c++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    with caplog.at_level("WARNING"):
+        assert not common.compile_enabled("cpu")
+        assert not common.compile_enabled("cpu")
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "no C++ compiler" in caplog.records[0].getMessage()
+    assert common.compile_enabled("cuda")  # the compiler check is for CPU code generation only

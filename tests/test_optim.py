@@ -358,27 +358,3 @@ def test_large_adamw_param_with_rows_not_divisible_by_world_size_is_refused(two_
     out_dir, _ = two_rank_run
     for errors in load_ranks(out_dir, "errors"):
         assert errors["uneven_rows_error"] is not None and "divide by world size 2" in errors["uneven_rows_error"]
-
-
-# -----------------------------------------------------------------------------
-# CUDA: the torch.compile'd kernels (the default there) against the same math run eagerly
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_kernels_match_eager_on_cuda(monkeypatch):
-    init, targets = worker.make_problem()
-    targets = {name: t.cuda() for name, t in targets.items()}
-    results = {}
-    for compile_flag in ("0", "1"):
-        monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", compile_flag)
-        params = {name: torch.nn.Parameter(value.cuda()) for name, value in init.items()}
-        optimizer = MuonAdamW(worker.make_param_groups(params))
-        for _ in range(3):
-            worker.compute_grads(params, targets, slice(None))
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.9  # a schedule: must take effect without recompiling
-            optimizer.step()
-        results[compile_flag] = {name: p.detach().cpu() for name, p in params.items()}
-    for name in results["0"]:
-        torch.testing.assert_close(results["1"][name], results["0"][name], atol=1e-5, rtol=1e-5)
