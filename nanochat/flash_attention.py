@@ -2,17 +2,20 @@
 Attention kernels behind one FA3-shaped interface.
 
 The model calls `flash_attn.flash_attn_func` and `flash_attn.flash_attn_with_kvcache` with the
-argument names and the (B, T, heads, D) layout of Flash Attention 3. On a Hopper GPU (SM 9.x)
-with bf16 compute we load FA3 through the `kernels` package (an optional dependency); everywhere
-else (CPU, MPS, other GPUs, fp32/fp16 compute, or when loading fails) the same calls run on
-PyTorch's scaled_dot_product_attention (SDPA) with masks that reproduce FA3's semantics:
+argument names and the (B, T, heads, D) layout of Flash Attention 3. With bf16 compute on CUDA we
+load FA3 through the `kernels` package (an optional dependency): Hopper (SM 9.x) gets the
+Hopper build, Ampere/Ada get the community build if one exists for this torch/CUDA, and
+Blackwell (SM 10+) has no FA3 build. Everywhere else (CPU, MPS, Blackwell, fp32/fp16 compute, or
+when loading fails) the same calls run on PyTorch's scaled_dot_product_attention (SDPA) with
+masks that reproduce FA3's semantics:
 
 * `causal=True` aligns the queries to the END of the keys (query row r of Tq sits at absolute
   position (Tk - Tq) + r), so a chunk of new queries attends to the whole cached prefix.
 * `window_size=(left, right)`: a query at position p may see keys in [p - left, p + right];
   -1 means unlimited on that side. With causal=True the right side is 0.
 
-Tests force one implementation with `_override_impl = "fa3" | "sdpa"` (None = automatic).
+Tests force one implementation with `_override_impl = "fa3" | "sdpa"` (None = automatic). Later
+upstream tests also re-resolve `USE_FA3 = _resolve_use_fa3()` after setting it; both ways work.
 """
 
 import logging
@@ -26,21 +29,38 @@ from nanochat.common import COMPUTE_DTYPE
 
 logger = logging.getLogger(__name__)
 
-FA3_KERNEL_REPO = "varunneal/flash-attention-3"  # FA3 build for Hopper, fetched by `kernels`
+HOPPER_FA3_REPO = "varunneal/flash-attention-3"  # FA3 built for Hopper (SM 9.x)
+COMMUNITY_FA3_REPO = "kernels-community/flash-attn3"  # builds for other archs (Ampere, Ada), where they exist
+
+
+def _fa3_kernel_for_arch(major):
+    """
+    (kernel repo, ask has_kernel first) for a CUDA compute-capability major, or None for SDPA.
+    The community repo only carries builds for some torch/CUDA/arch combinations, so we ask
+    before fetching; Blackwell (10.x, 12.x) has no FA3 build at all.
+    """
+    if major == 9:
+        return HOPPER_FA3_REPO, False
+    if major >= 10:
+        return None
+    return COMMUNITY_FA3_REPO, True
 
 
 def _load_flash_attention_3():
-    """FA3's interface module, or None. Only tried where it can help: Hopper GPU, bf16 compute."""
+    """FA3's interface module, or None. Only tried where it can be used: CUDA with bf16 compute."""
     if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16:
         return None
     try:
         major, _minor = torch.cuda.get_device_capability()
-        if major != 9:
-            # FA3 kernels target Hopper; Blackwell (10.x) and Ampere/Ada go through SDPA.
+        choice = _fa3_kernel_for_arch(major)
+        if choice is None:
             return None
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        from kernels import get_kernel
-        return get_kernel(FA3_KERNEL_REPO).flash_attn_interface
+        repo, ask_first = choice
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # keep the hub download quiet in training logs
+        from kernels import get_kernel, has_kernel
+        if ask_first and not has_kernel(repo):
+            return None
+        return get_kernel(repo).flash_attn_interface
     except Exception as e:  # missing package, no network, ABI mismatch: all mean "use SDPA"
         first_line = (str(e).strip().splitlines() or [""])[0]
         logger.warning(f"Flash Attention 3 not available ({type(e).__name__}: {first_line}); using PyTorch SDPA")
@@ -48,13 +68,14 @@ def _load_flash_attention_3():
 
 
 _fa3 = _load_flash_attention_3()
-HAS_FA3 = _fa3 is not None
+HAS_FA3 = _fa3 is not None  # loaded, which also means compute is bf16 on CUDA
 
 # None = automatic, "fa3" = force FA3 (error if missing), "sdpa" = force the SDPA fallback.
 _override_impl = None
 
 
-def _use_fa3(q):
+def _resolve_use_fa3():
+    """Whether calls go to FA3, from _override_impl and availability (FA3 here is bf16-only)."""
     if _override_impl == "sdpa":
         return False
     if _override_impl == "fa3":
@@ -63,7 +84,17 @@ def _use_fa3(q):
         return True
     if _override_impl is not None:
         raise ValueError(f"_override_impl must be None, 'fa3' or 'sdpa', got {_override_impl!r}")
-    return HAS_FA3 and q.is_cuda and q.dtype == torch.bfloat16
+    return HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16
+
+
+USE_FA3 = _resolve_use_fa3()  # resolved once; code that changes _override_impl may re-resolve it
+
+
+def _use_fa3(q):
+    if _override_impl is not None:
+        return _resolve_use_fa3()  # an override set without re-resolving USE_FA3 still applies
+    # A CPU model on a GPU machine, or an fp32 call, must not reach the bf16 CUDA kernel.
+    return USE_FA3 and q.is_cuda and q.dtype == torch.bfloat16
 
 
 # -----------------------------------------------------------------------------

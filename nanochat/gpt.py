@@ -33,7 +33,7 @@ from nanochat.common import COMPUTE_DTYPE, print0
 from nanochat.flash_attention import flash_attn
 
 LOGIT_SOFTCAP = 15.0  # logits = 15 * tanh(logits / 15)
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the block input
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads the first 32 channels of the normed block input
 ROTARY_BASE = 10000
 ROTARY_CACHE_MULTIPLE = 10  # rotary tables cover 10x sequence_len so generation can run past it
 
@@ -89,7 +89,10 @@ def apply_rotary_emb(x, cos, sin):
 class Linear(nn.Linear):
     """Bias-free Linear whose (fp32 master) weight is cast to the input's dtype in forward."""
 
-    def __init__(self, in_features, out_features, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None):
+        # bias is accepted because upstream code builds these as Linear(..., bias=False).
+        if bias:
+            raise ValueError("nanochat's Linear has no bias (the forward pass would ignore it); pass bias=False")
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
     def forward(self, x):
@@ -123,7 +126,9 @@ class CausalSelfAttention(nn.Module):
 
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm after RoPE
+        # QK-norm after RoPE, as upstream. RMS over D is unchanged by the rotation, so the order
+        # only affects rounding.
+        q, k = norm(q), norm(k)
 
         if kv_cache is None:
             y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)

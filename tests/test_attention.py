@@ -128,6 +128,33 @@ def test_override_impl_is_validated(monkeypatch):
             flash_attn.flash_attn_func(q, k, v, causal=True)
 
 
+def test_use_fa3_can_be_re_resolved_after_an_override(monkeypatch):
+    # Later upstream tests set _override_impl and then re-resolve USE_FA3 = _resolve_use_fa3().
+    monkeypatch.setattr(fa, "USE_FA3", fa.USE_FA3)
+    fa.USE_FA3 = fa._resolve_use_fa3()
+    assert fa.USE_FA3 is False  # the autouse fixture forced "sdpa"
+    q, k, v = random_qkv(1, 6, 6, 4, 2, 8)
+    out = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(2, 0))
+    torch.testing.assert_close(out, reference_attention(q, k, v, window_size=(2, 0)), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fa, "_override_impl", None)
+    # automatic: FA3 only when it loaded, and FA3 is only loaded for bf16 compute
+    assert fa._resolve_use_fa3() == (fa.HAS_FA3 and fa.COMPUTE_DTYPE == torch.bfloat16)
+    assert not fa._use_fa3(q)  # CPU fp32 tensors never reach the CUDA kernel
+    if not fa.HAS_FA3:
+        monkeypatch.setattr(fa, "_override_impl", "fa3")
+        with pytest.raises(RuntimeError, match="could not be loaded"):
+            fa._resolve_use_fa3()
+
+
+def test_fa3_kernel_is_chosen_per_gpu_architecture():
+    # SPEC 17.14: Hopper loads the Hopper build; Ampere/Ada the community build when has_kernel
+    # finds one for this torch/CUDA; Blackwell has none and stays on SDPA.
+    assert fa._fa3_kernel_for_arch(9) == ("varunneal/flash-attention-3", False)
+    assert fa._fa3_kernel_for_arch(8) == ("kernels-community/flash-attn3", True)
+    for blackwell_major in (10, 12):
+        assert fa._fa3_kernel_for_arch(blackwell_major) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fa.HAS_FA3), reason="needs CUDA with Flash Attention 3")
 @pytest.mark.parametrize("window", [-1, 64])

@@ -253,6 +253,17 @@ def test_rotary_is_a_rotation_that_depends_on_relative_position():
     torch.testing.assert_close(score_a, score_b, rtol=1e-5, atol=1e-5)
 
 
+def test_rotary_uses_split_halves_and_the_upstream_sign():
+    # x1 = first half, x2 = second half; y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos. The sign
+    # matters: the opposite rotation changes q.k scores, so upstream checkpoints would break.
+    theta = torch.tensor([0.3, 1.1])
+    cos, sin = theta.cos().view(1, 1, 1, 2), theta.sin().view(1, 1, 1, 2)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)  # pairs (1, 3) and (2, 4)
+    x1, x2 = x[..., :2], x[..., 2:]
+    expected = torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+    torch.testing.assert_close(apply_rotary_emb(x, cos, sin), expected)
+
+
 def test_logits_are_softcapped_and_loss_is_cross_entropy():
     model = build(tiny_config(), perturb=0.05)
     with torch.no_grad():
@@ -286,6 +297,15 @@ def test_backward_reaches_every_parameter():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_linear_takes_upstream_bias_false_keyword_and_casts_weight_to_input_dtype():
+    layer = gpt.Linear(8, 4, bias=False)  # how later upstream code builds it
+    assert layer.bias is None and layer.weight.dtype == torch.float32
+    y = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="no bias"):
+        gpt.Linear(8, 4, bias=True)
 
 
 def test_bf16_compute_keeps_fp32_master_weights(monkeypatch):
