@@ -63,7 +63,7 @@ def bench(depth, batch_size, seq_len, vocab_size, steps, warmup, compile_model, 
     return {
         "depth": depth, "model_dim": config.n_embd, "device_batch_size": batch_size, "seq_len": seq_len,
         "compile": compile_model, "window_pattern": window_pattern,
-        "attention": "fa3" if flash_attention.HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16 else "sdpa",
+        "attention": "fa3" if flash_attention.USE_FA3 else "sdpa",
         "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "step_ms": round(dt * 1000, 2),
         "tok_per_sec": round(tokens / dt), "mfu_percent": round(100 * flops_per_token * tokens / dt / peak, 2),
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,

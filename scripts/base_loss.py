@@ -6,47 +6,46 @@ Run it:
     python -m scripts.base_loss                                            # largest base model, last step
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
     python -m scripts.base_loss --device-batch-size=1 --split-tokens=16384  # CPU
-    python -m scripts.base_loss --hf-path=openai-community/gpt2             # an HF model (needs transformers + the hub)
+    python -m scripts.base_loss --hf-path=openai-community/gpt2             # an HF model (needs transformers)
+    python -m scripts.base_loss --hf-path=/path/to/exported_model           # the same from a local directory (offline)
 
 Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<tag>/, the data shards and the tokenizer.
 Writes the "Base model loss" section of the report.
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, normalize_flag_names, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import SAMPLE_PROMPTS
+from scripts.base_train import SAMPLE_PROMPTS, ConfigError
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Bits per byte of a base model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
-    parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split (rounded down to whole batches)")
+    parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split (a multiple of device_batch_size * sequence_len * world_size)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory (default: the largest model)")
     parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last one)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--hf-path", type=str, default=None, help="evaluate a Hugging Face causal LM instead")
+    parser.add_argument("--hf-path", type=str, default=None, help="evaluate a Hugging Face causal LM instead (hub id or local directory)")
     return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
 
 
 class HuggingFaceModel:
     """Adapts an HF causal LM to the forward(idx, targets, loss_reduction) call evaluate_bpb makes."""
 
-    def __init__(self, hf_path, device):
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError as error:
-            raise SystemExit(f"--hf-path needs the transformers package: pip install transformers ({error})")
-        self.model = AutoModelForCausalLM.from_pretrained(hf_path).to(device).eval()
-        self.max_seq_len = getattr(self.model.config, "n_positions", None)
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        self.max_seq_len = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
     def __call__(self, idx, targets=None, loss_reduction="mean"):
         logits = self.model(idx).logits.float()
@@ -59,10 +58,29 @@ class HuggingFaceModel:
 
 
 def load_hf(hf_path, device):
+    """
+    (model, tokenizer, token_bytes, sequence_len) for a hub id (downloaded, or from the local HF
+    cache when offline) or a local directory with config.json, the weights and tokenizer.json.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as error:
+        raise ConfigError(f"--hf-path={hf_path} needs the transformers package, which nanochat does not install: "
+                          f"pip install transformers ({error})") from error
     from nanochat.tokenizer import HuggingFaceTokenizer
-    tokenizer = HuggingFaceTokenizer.from_pretrained(hf_path)
-    model = HuggingFaceModel(hf_path, device)
-    # HF tokenizers need token_bytes built from their own vocab: length of each token's text in UTF-8
+    local = os.path.isdir(hf_path)
+    try:
+        tokenizer = HuggingFaceTokenizer.from_directory(hf_path) if local else HuggingFaceTokenizer.from_pretrained(hf_path)
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_path)
+    except OSError as error:  # also the hub's "not in the local cache" error when offline
+        if local:
+            raise ConfigError(f"--hf-path={hf_path}: {error}; a model directory needs config.json, the weights "
+                              "and tokenizer.json") from error
+        raise ConfigError(f"--hf-path={hf_path}: could not load it from the hub or the local cache ({error}); "
+                          "without network access pass a local directory with config.json, the weights and "
+                          "tokenizer.json, or fill the cache on a machine that can reach the hub") from error
+    model = HuggingFaceModel(hf_model.to(device).eval())
+    # token_bytes from this tokenizer's own vocab: UTF-8 length of each decoded token, 0 for specials
     vocab_size = tokenizer.get_vocab_size()
     special_ids = {tokenizer.encode_special(s) for s in tokenizer.get_special_tokens()}
     token_bytes = torch.tensor([0 if i in special_ids else len(tokenizer.decode([i]).encode("utf-8")) for i in range(vocab_size)],
@@ -85,17 +103,20 @@ def main(argv=None):
         model_name = f"base_model (step {meta['step']})"
 
     tokens_per_step = args.device_batch_size * sequence_len * world_size
+    if args.device_batch_size < 1 or args.split_tokens < tokens_per_step or args.split_tokens % tokens_per_step:
+        # every split must see exactly the tokens asked for, so bpb numbers stay comparable across runs
+        suggestion = max(args.split_tokens // max(tokens_per_step, 1), 1) * tokens_per_step
+        raise ConfigError(f"--split-tokens={args.split_tokens} must be a positive multiple of device_batch_size * sequence_len * "
+                          f"world_size = {args.device_batch_size} * {sequence_len} * {world_size} = {tokens_per_step}; "
+                          f"e.g. --split-tokens={suggestion}, or change --device-batch-size")
     steps = args.split_tokens // tokens_per_step
-    if steps < 1:
-        raise SystemExit(f"--split-tokens={args.split_tokens} is less than one batch of {tokens_per_step} tokens "
-                         f"(device_batch_size * sequence_len * world_size); raise it or lower --device-batch-size")
     bpb_results = {}
     for split in ("train", "val"):
         loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, sequence_len, split, device=device)
         bpb_results[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb_results[split]:.4f}")
 
-    samples = []
+    samples, unconditioned_samples = [], []
     if rank == 0 and not args.hf_path:
         print0("Greedy completions:")
         for prompt in SAMPLE_PROMPTS:
@@ -108,14 +129,20 @@ def main(argv=None):
         for seed in range(8):
             text = tokenizer.decode([bos] + list(model.generate([bos], max_tokens=128, temperature=1.0, seed=seed)))
             print0(text)
-            samples.append(text)
+            unconditioned_samples.append(text)
 
     get_report().log(section="Base model loss", data=[
         {"model": model_name, "train bpb": bpb_results["train"], "val bpb": bpb_results["val"]},
         {f"sample {i}": sample for i, sample in enumerate(samples)},
+        {f"unconditioned {i}": sample for i, sample in enumerate(unconditioned_samples)},
     ])
     compute_cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, CheckpointError) as error:
+        print0(f"base_loss: {error}")
+        compute_cleanup()
+        sys.exit(2)

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     # optimization
     parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of wte and value embeddings")
     parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
-    parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12, scaled by (12/depth)^2")
+    parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12, scaled by (12/depth)^2 (with --total-batch-size=-1: by batch and data size)")
     parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
     parser.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the residual scalars")
     parser.add_argument("--adam-beta1", type=float, default=0.8)
@@ -108,6 +108,8 @@ def model_config_for_depth(args, vocab_size):
     """SPEC 1.2: width = depth * aspect_ratio rounded up to a multiple of head_dim, so heads are exactly head_dim wide."""
     if args.depth < 1:
         raise ConfigError(f"--depth must be >= 1, got {args.depth}")
+    if args.max_seq_len < 1:
+        raise ConfigError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
     if args.head_dim < 2 or args.head_dim % 2:
         raise ConfigError(f"--head-dim must be a positive even number (RoPE rotates pairs), got {args.head_dim}")
     base_dim = args.depth * args.aspect_ratio
@@ -151,12 +153,18 @@ def auto_total_batch_size(args, num_scaling_params, vocab_size):
 
 
 def compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size):
+    """
+    The horizon in optimizer steps and the console line that announces it (upstream's wording:
+    the orchestrators grep "Calculated number of iterations").
+    """
     if args.num_iterations > 0:
-        return args.num_iterations, "--num-iterations"
+        return args.num_iterations, "Using user-provided number of iterations"
     if args.target_flops > 0:
-        return round(args.target_flops / (flops_per_token * total_batch_size)), "--target-flops"
+        num_iterations = round(args.target_flops / (flops_per_token * total_batch_size))
+        return num_iterations, "Calculated number of iterations from target FLOPs"
     if args.target_param_data_ratio > 0:
-        return int(args.target_param_data_ratio * num_scaling_params) // total_batch_size, "--target-param-data-ratio"
+        num_iterations = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size
+        return num_iterations, "Calculated number of iterations from target data:param ratio"
     raise ConfigError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio")
 
 
@@ -176,6 +184,21 @@ def muon_momentum(it):
     """0.85 -> 0.95 over the first 300 steps."""
     frac = min(it / 300, 1)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+def manage_garbage_collection(step, first_step):
+    """
+    Python's cyclic GC pauses ~0.5 s at a time at this allocation rate while freeing almost
+    nothing (SPEC 17.13). After the first step of this process (0, or the resume step) collect
+    the setup garbage, freeze what survives and turn automatic collection off; then collect by
+    hand every 5000 steps.
+    """
+    if step == first_step:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
 
 
 def synchronize(device):
@@ -207,8 +230,8 @@ def main(argv=None):
         import wandb
         wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
 
-    if flash_attention.HAS_FA3:
-        print0("Using Flash Attention 3 (Hopper).")
+    if flash_attention.USE_FA3:
+        print0("Using Flash Attention 3.")
     else:
         print0("WARNING: Flash Attention 3 is not available; using PyTorch SDPA (slower).")
         if args.window_pattern.upper() != "L":
@@ -269,11 +292,15 @@ def main(argv=None):
         print0(f"Scaling learning rates by sqrt({total_batch_size}/{REFERENCE_BATCH_SIZE}) = {batch_lr_scale:.4f}")
     print0(f"Muon weight decay: {weight_decay:.6f}")
 
-    num_iterations, horizon_source = compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size)
+    num_iterations, horizon_line = compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size)
     if num_iterations < 1:
-        raise ConfigError(f"the horizon from {horizon_source} is {num_iterations} steps; it must be at least 1")
+        raise ConfigError(f"{horizon_line}: {num_iterations}; a run needs at least 1 step: raise the target or pass --num-iterations")
+    if args.resume_from_step > num_iterations:
+        # the loop stops when step == num_iterations, so it would never stop
+        raise ConfigError(f"--resume-from-step={args.resume_from_step} is past the end of this run ({num_iterations} steps); "
+                          "resume with the horizon flags of the original run or a longer horizon")
     total_tokens = total_batch_size * num_iterations
-    print0(f"Calculated number of iterations from {horizon_source}: {num_iterations:,}")
+    print0(f"{horizon_line}: {num_iterations:,}")
     print0(f"Total number of training tokens: {total_tokens:,}")
     print0(f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}")
     print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
@@ -326,6 +353,7 @@ def main(argv=None):
 
     # Loop state
     step = args.resume_from_step if resuming else 0
+    first_step = step  # of this process: setup garbage is collected after it
     loop_state = meta["loop_state"] if resuming else {}
     min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
     smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
@@ -440,19 +468,14 @@ def main(argv=None):
                            "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                            "train/mfu": mfu, "train/epoch": epoch})
 
-        # Python's GC pauses cost ~0.5 s each at this allocation rate; freeze what exists after the first step
-        if step == 0:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+        manage_garbage_collection(step, first_step)
         step += 1
 
     peak_memory_mib = torch.cuda.max_memory_allocated() / 1024**2 if device_type == "cuda" else 0.0
     print0(f"Peak memory usage: {peak_memory_mib:.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    if min_val_bpb != float("inf"):  # some evaluation ran
+        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
 
     get_report().log(section="Base model training", data=[
         user_config,

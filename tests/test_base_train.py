@@ -2,8 +2,11 @@
 End-to-end tests of scripts/base_train.py on CPU with a tiny model: it learns, it writes a
 checkpoint that load_model reads, bad flags fail at start with a useful message, and a run killed
 with SIGKILL and resumed from its last checkpoint continues with exactly the same losses.
+Also scripts/base_loss.py on the model trained here: its bpb, report section and error messages.
 """
 
+import gc
+import json
 import os
 import random
 import re
@@ -17,7 +20,8 @@ import torch
 from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
 from nanochat.gpt import GPT
 from scripts.base_train import (
-    auto_total_batch_size, lr_multiplier, model_config_for_depth, muon_momentum, parse_args, scaling_params,
+    auto_total_batch_size, lr_multiplier, manage_garbage_collection, model_config_for_depth, muon_momentum, parse_args,
+    scaling_params,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +104,19 @@ def test_tiny_run_lowers_loss_and_writes_a_loadable_checkpoint(base_dir):
     assert val_bpb[30] < 0.95 * val_bpb[0], val_bpb
     losses = parse_losses(result.stdout)
     assert sorted(losses) == list(range(30))
+    assert "Using user-provided number of iterations: 30" in result.stdout
+    assert f"Minimum validation bpb: {min(val_bpb.values()):.6f}" in result.stdout
+
+    # the report section carries upstream's field names (SPEC 11.3)
+    report = (base_dir / "report" / "base-model-training.md").read_text()
+    for field in ["Number of parameters", "Number of FLOPs per token", "Calculated number of iterations",
+                  "Number of training tokens", "Tokens : Scaling params ratio", "DDP world size", "warmup_ratio",
+                  "warmdown_ratio", "final_lr_frac", "Minimum validation bpb", "Final validation bpb",
+                  "CORE metric estimate", "MFU %", "Total training flops", "Total training time", "Peak memory usage"]:
+        assert f"\n- {field}: " in report, field
+    assert "- Calculated number of iterations: 30\n" in report
+    final_bpb = re.search(r"^- Final validation bpb: ([0-9.]+)$", report, re.MULTILINE).group(1)
+    assert float(final_bpb) == pytest.approx(val_bpb[30], abs=1e-4)
 
     code = (
         "import torch\n"
@@ -122,6 +139,9 @@ def test_tiny_run_lowers_loss_and_writes_a_loadable_checkpoint(base_dir):
     (["--depth=0", "--num-iterations=2"], "--depth must be >= 1"),
     (["--num-iterations=-1", "--target-param-data-ratio=-1"], "no training horizon"),
     (["--eval-tokens=10", "--num-iterations=2"], "--eval-tokens=10 is less than one evaluation batch"),
+    (["--max-seq-len=0", "--num-iterations=2"], "--max-seq-len must be >= 1"),
+    # resuming past the horizon would loop forever (the loop ends when step == num_iterations)
+    (["--num-iterations=2", "--resume-from-step=5"], "--resume-from-step=5 is past the end of this run (2 steps)"),
 ])
 def test_bad_config_fails_at_start_with_a_message(base_dir, flags, message):
     result = run_base_train(base_dir, *flags, "--model-tag=bad")
@@ -129,6 +149,24 @@ def test_bad_config_fails_at_start_with_a_message(base_dir, flags, message):
     assert message in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert not (base_dir / "base_checkpoints" / "bad").exists()
+
+
+def test_single_step_run_without_evaluation_still_saves_the_last_step(base_dir):
+    """--eval-every=-1 skips every evaluation, the last step included; a 1-step horizon with no warmdown divides by nothing."""
+    args = parse_args(TINY_FLAGS)
+    config, _ = model_config_for_depth(args, 512)  # tok_train made a 512-token vocab
+    with torch.device("meta"):
+        params = scaling_params(GPT(config))
+    ratio = 300 / params  # 300 tokens of data: one step of 256 tokens
+    result = run_base_train(base_dir, "--num-iterations=-1", f"--target-param-data-ratio={ratio}", "--eval-every=-1",
+                            "--warmdown-ratio=0", "--model-tag=one_step")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Calculated number of iterations from target data:param ratio: 1\n" in result.stdout
+    assert sorted(parse_losses(result.stdout)) == [0]
+    assert "Validation bpb" not in result.stdout and "Minimum validation bpb" not in result.stdout
+    meta = json.loads((base_dir / "base_checkpoints" / "one_step" / "meta_000001.json").read_text())
+    assert meta["step"] == 1 and meta["val_bpb"] is None
+    assert meta["loop_state"]["min_val_bpb"] == float("inf")
 
 
 def test_resume_from_missing_step_names_the_checkpoint(base_dir):
@@ -188,18 +226,50 @@ def test_two_rank_run_resumes_on_one_rank(base_dir):
         assert abs(float(one_losses[step]) - float(two_losses[step])) < 0.05 * float(two_losses[step])
 
 
-def test_base_loss_reports_bpb_of_the_trained_model(base_dir):
+@pytest.fixture(scope="module")
+def trained_for_loss(base_dir):
+    """A 3-step model under the tag for_loss; returns base_train's stdout."""
     trained = run_base_train(base_dir, "--num-iterations=3", "--model-tag=for_loss")
     assert trained.returncode == 0, trained.stderr
-    cmd = [sys.executable, "-m", "scripts.base_loss", "--device-batch-size=4", "--split-tokens=512",
-           "--model-tag=for_loss", "--device-type=cpu"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base_dir), capture_output=True, text=True, timeout=300)
+    return trained.stdout
+
+
+def run_base_loss(base, *flags):
+    cmd = [sys.executable, "-m", "scripts.base_loss", "--device-type=cpu", *flags]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base), capture_output=True, text=True, timeout=300)
+
+
+def test_base_loss_reports_bpb_of_the_trained_model(base_dir, trained_for_loss):
+    result = run_base_loss(base_dir, "--device-batch-size=4", "--split-tokens=512", "--model-tag=for_loss")
     assert result.returncode == 0, result.stdout + result.stderr
     bpb = dict(re.findall(r"^(train|val) bpb: ([0-9.]+)$", result.stdout, re.MULTILINE))
     assert set(bpb) == {"train", "val"}
     # the val bpb base_train printed at its last step used 512 tokens from the same loader
-    assert float(bpb["val"]) == pytest.approx(parse_val_bpb(trained.stdout)[3], abs=1e-4)
+    assert float(bpb["val"]) == pytest.approx(parse_val_bpb(trained_for_loss)[3], abs=1e-4)
     assert "The capital of France is" in result.stdout
+
+    # report: model and both bpb, the 7 greedy completions, the 8 unconditioned samples (SPEC 11.4)
+    report = (base_dir / "report" / "base-model-loss.md").read_text()
+    fields = [line[2:].split(":", 1)[0] for line in report.splitlines() if line.startswith("- ")]
+    assert fields[:3] == ["model", "train bpb", "val bpb"]
+    assert fields[3:] == [f"sample {i}" for i in range(7)] + [f"unconditioned {i}" for i in range(8)]
+    assert "- model: base_model (step 3)\n" in report
+
+
+@pytest.mark.parametrize("flags, message", [
+    # 4 rows of 64 tokens per step: 300 is not a whole number of steps
+    (["--device-batch-size=4", "--split-tokens=300", "--model-tag=for_loss"],
+     "--split-tokens=300 must be a positive multiple of device_batch_size * sequence_len * world_size = 4 * 64 * 1 = 256; "
+     "e.g. --split-tokens=256"),
+    (["--device-batch-size=4", "--split-tokens=512", "--model-tag=never_trained"], "no checkpoint at"),
+    # the hub is unreachable in tests (HF_HUB_OFFLINE=1): missing transformers or a missing model, said plainly
+    (["--device-batch-size=4", "--split-tokens=512", "--hf-path=openai-community/gpt2"], "--hf-path=openai-community/gpt2"),
+])
+def test_base_loss_bad_input_fails_with_a_message(base_dir, trained_for_loss, flags, message):
+    result = run_base_loss(base_dir, *flags)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stdout
+    assert "Traceback" not in result.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +285,16 @@ def test_auto_batch_size_follows_the_power_lines_rule():
         with torch.device("meta"):
             params = scaling_params(GPT(config))
         assert auto_total_batch_size(args, params, 32768)[0] == batch, depth
+
+
+def test_gc_is_frozen_after_the_first_step_of_a_resumed_run_too():
+    assert gc.isenabled()
+    try:
+        manage_garbage_collection(step=8, first_step=8)  # a run resumed at step 8
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 def test_lr_schedule_is_flat_then_linear_warmdown():

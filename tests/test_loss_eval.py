@@ -88,6 +88,19 @@ def test_no_bytes_gives_infinity():
     assert evaluate_bpb(model, iter([]), 0, TOKEN_BYTES) == float("inf")
 
 
+def test_nonfinite_losses_on_excluded_targets_do_not_reach_the_sum():
+    """A loss of inf/nan on a special or ignored target (0 bytes) is left out, not multiplied by 0 (inf * 0 = nan)."""
+    class NonFiniteOnExcludedModel(BigramModel):
+        def __call__(self, idx, targets=None, loss_reduction="mean"):
+            losses = super().__call__(idx, targets, loss_reduction)
+            excluded = (targets < 0) | (TOKEN_BYTES[targets.clamp(min=0)] == 0)
+            return torch.where(excluded.view(-1), torch.tensor(float("inf")), losses)
+
+    batches = make_batches(seed=5)
+    bpb = evaluate_bpb(NonFiniteOnExcludedModel(), iter(batches), 3, TOKEN_BYTES)
+    assert bpb == pytest.approx(hand_computed_bpb(BigramModel(), batches), rel=1e-5)
+
+
 def test_runs_without_building_autograd_graphs():
     class GradCheckingModel(BigramModel):
         def __call__(self, idx, targets=None, loss_reduction="mean"):
