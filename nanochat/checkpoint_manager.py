@@ -19,7 +19,8 @@ Training scripts, on every rank:
     # resume:
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
     optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size))
-Consumers of a finished phase: model, tokenizer, meta = load_model("sft", device, phase="eval").
+Consumers of a finished phase: model, tokenizer, meta = load_model("sft", device, phase="eval"), and
+to warm-start the optimizer: load_optimizer_state("base", device, rank) (None if it was saved without one).
 """
 
 import json
@@ -179,6 +180,13 @@ def saved_world_size(checkpoint_dir, step, meta_data=None):
     return max(ranks) + 1 if ranks else 0
 
 
+def _has_optimizer_state(checkpoint_dir, step, saved=None):
+    """Whether this step was saved with optimizer shards (SFT and RL checkpoints are saved without)."""
+    if saved is None:
+        saved = saved_world_size(checkpoint_dir, step)
+    return saved > 0 and os.path.exists(optim_path(checkpoint_dir, int(step), 0))
+
+
 def load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size):
     """
     The optimizer state dict that `rank` of a `world_size`-rank run should pass to
@@ -188,7 +196,7 @@ def load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size):
     """
     step = int(step)
     saved = saved_world_size(checkpoint_dir, step)
-    if saved == 0 or not os.path.exists(optim_path(checkpoint_dir, step, 0)):
+    if not _has_optimizer_state(checkpoint_dir, step, saved):
         raise FileNotFoundError(f"checkpoint {meta_path(checkpoint_dir, step)} has no optimizer state "
                                 "(it was saved without one): start the optimizer fresh instead")
     missing = [optim_path(checkpoint_dir, step, r) for r in range(saved)
@@ -359,9 +367,13 @@ def load_optimizer_state(source, device, rank, model_tag=None, step=None, world_
     """
     The optimizer state dict for `rank` of a `world_size`-rank run (default: the current run)
     from the checkpoint of a phase, re-sharded when it was saved on a different number of ranks.
+    None when that checkpoint has no optimizer state, as upstream: callers start a fresh optimizer.
     """
     checkpoint_dir, step = _resolve_checkpoint(checkpoints_dir_for(source), model_tag, step)
     if world_size is None:
         world_size = _current_world_size()
+    if not _has_optimizer_state(checkpoint_dir, step):
+        log0(f"Optimizer checkpoint not found: {optim_path(checkpoint_dir, step, rank)}")
+        return None
     log0(f"Loading optimizer state from {checkpoint_dir} with step {step}")
     return load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size)

@@ -88,7 +88,8 @@ def _document_batches(paths, rank, world_size, tokenizer_batch_size, start):
             )
         yielded_since_epoch_start = False
         epoch += 1
-        pq_idx = 0
+        # a start past the last file never ran the loop above, which resets these per file
+        pq_idx, rg_idx, row = 0, rank, 0
 
 
 # -----------------------------------------------------------------------------
@@ -254,7 +255,8 @@ def _bestfit_batches(tokenizer, B, T, paths, rank, world_size, tokenizer_threads
     output = staging if device.type == "cpu" else torch.empty(2 * B * T, dtype=torch.long, device=device)
     inputs, targets = output[: B * T].view(B, T), output[B * T :].view(B, T)
     # The staging buffer is rewritten each batch while the previous asynchronous copy may still be
-    # queued behind the GPU's work: wait for that copy (not for the GPU's other work) first.
+    # queued behind the GPU's work: wait for that copy first (it was queued before the last step's
+    # work, so this does not wait for the step the trainer launched since).
     copy_done = torch.cuda.Event() if use_cuda else None
 
     while True:

@@ -207,8 +207,9 @@ class MuonAdamW(torch.optim.Optimizer):
         # version, so there we SUM and divide by W ourselves.
         self._native_avg = distributed and dist.get_backend() == "nccl"
         super().__init__(list(param_groups), defaults={})
-        # One set of 0-D CPU tensors, refilled before each kernel call (see the math above)
-        self._hparams = {name: torch.tensor(0.0, dtype=torch.float32) for name in
+        # One set of 0-D CPU tensors, refilled before each kernel call (see the math above); CPU
+        # explicitly, whatever the default device (e.g. a `with torch.device("meta")` block)
+        self._hparams = {name: torch.tensor(0.0, dtype=torch.float32, device="cpu") for name in
                          ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
 
     def add_param_group(self, param_group):

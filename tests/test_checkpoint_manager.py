@@ -395,6 +395,48 @@ def test_optimizer_state_of_own_world_size_loads_its_own_shard(tmp_path):
         cm.load_optimizer_for_rank(str(tmp_path), 2, "cpu", rank=0, world_size=2)
 
 
+def test_load_optimizer_state_is_none_when_the_checkpoint_has_no_optimizer_state(base_dir):
+    """As upstream: SFT warm-starts from the base optimizer if there is one, else starts fresh."""
+    model = make_model(tiny_config(265))
+    optimizer = model.setup_optimizer()
+    averaged_train_step(model, optimizer, [sample_tokens(265, batch=2, seq=17)])
+    checkpoint_dir = str(base_dir / "base_checkpoints" / "d2")
+    cm.save_checkpoint(checkpoint_dir, 1, model.state_dict(), optimizer.state_dict(), {"step": 1})
+    cm.save_checkpoint(checkpoint_dir, 2, model.state_dict(), None, {"step": 2})
+
+    assert cm.load_optimizer_state("base", "cpu", rank=0) is None  # last step (2) has none
+    loaded = cm.load_optimizer_state("base", "cpu", rank=0, model_tag="d2", step=1)
+    assert loaded["sharding"] == optimizer.state_dict()["sharding"]
+    resharded = cm.load_optimizer_state("base", "cpu", rank=1, step=1, world_size=2)
+    assert resharded["sharding"]["world_size"] == 2 and resharded["sharding"]["rank"] == 1
+
+
+def test_checkpoint_saved_from_cuda_loads_on_a_cpu_only_machine(base_dir, tokenizer, monkeypatch):
+    """Every load maps tensors onto the requested device (torch.load's map_location)."""
+    model = make_model(tiny_config(tokenizer.get_vocab_size()))
+    optimizer = model.setup_optimizer()
+    averaged_train_step(model, optimizer, [sample_tokens(tokenizer.get_vocab_size(), batch=2, seq=17)])
+    checkpoint_dir = str(base_dir / "base_checkpoints" / "d2")
+    # torch.save records each storage's device by this tag: write the files as a CUDA run would
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        cm.save_checkpoint(checkpoint_dir, 3, model.state_dict(), optimizer.state_dict(),
+                           {"step": 3, "model_config": config_dict(model.config)})
+    with open(os.path.join(checkpoint_dir, "model_000003.pt"), "rb") as f:
+        with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location does here
+            torch.load(f, weights_only=True)
+
+    model_data, optimizer_data, _ = cm.load_checkpoint(checkpoint_dir, 3, "cpu", load_optimizer=True)
+    assert all(t.device.type == "cpu" for t in model_data.values())
+    assert optimizer_data["state"][0]["exp_avg"].device.type == "cpu"
+    loaded, _, _ = cm.load_model("base", "cpu", phase="eval")
+    idx = sample_tokens(tokenizer.get_vocab_size())
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    for rank, world_size in ((0, 1), (1, 2)):  # own shard, and re-sharded
+        state = cm.load_optimizer_for_rank(checkpoint_dir, 3, "cpu", rank, world_size)
+        assert all(t.device.type == "cpu" for s in state["state"].values() for t in s.values() if torch.is_tensor(t))
+
 @pytest.mark.slow
 def test_optimizer_shards_resume_on_another_world_size(tmp_path):
     """

@@ -310,6 +310,20 @@ def test_other_world_size_or_upstream_state_resumes_approximately(tokenizer, dat
     assert upstream_rows == rows
 
 
+def test_state_past_the_last_file_resumes_at_the_start_of_the_next_epoch(tokenizer, data_dir, monkeypatch):
+    # e.g. a state saved when the split had more files than are on disk now: the next epoch
+    # must start at this rank's first row group and row, not at the state's row group
+    num_files = len(get_split_paths("train", data_dir=data_dir))
+    for rank, world_size in ((0, 1), (1, 2)):
+        set_rank(monkeypatch, rank, world_size)
+        fresh = [rows for rows, _ in take(make_loader(tokenizer, data_dir), 3)]
+        for state in ({"pq_idx": num_files, "rg_idx": 3, "epoch": 1},  # upstream keys: approximate resume
+                      {"pq_idx": num_files, "rg_idx": 3, "epoch": 1, "next_row": 7, "rank": rank,
+                       "world_size": world_size, "doc_buffer": ""}):  # exact keys, empty buffer
+            resumed = take(make_loader(tokenizer, data_dir, resume_state_dict=state), 3)
+            assert [rows for rows, _ in resumed] == fresh, (rank, world_size, state)
+            assert resumed[0][1]["epoch"] == 2
+
 def test_batches_are_views_of_one_reused_buffer(tokenizer, data_dir):
     loader = make_loader(tokenizer, data_dir)
     inputs, targets, _ = next(loader)

@@ -172,6 +172,18 @@ def test_schedule_changes_take_effect_without_rebuilding():
     assert not any(torch.equal(p, p0) for p, p0 in zip(params, before))
 
 
+def test_hyperparameters_stay_on_the_cpu_whatever_the_default_device():
+    params = randn_params((8,), (16, 16))
+    expected = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = MuonAdamW([adamw_group([expected[0]]), muon_group([expected[1]])])
+    with torch.device("meta"):  # e.g. setup_optimizer called inside the model-building block
+        optimizer = MuonAdamW([adamw_group(params[:1]), muon_group(params[1:])])
+    set_random_grads(params, torch.Generator().manual_seed(4))
+    set_random_grads(expected, torch.Generator().manual_seed(4))
+    optimizer.step()
+    reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, expected))
+
 def test_two_runs_are_bitwise_identical():
     def run():
         params = randn_params((6,), (64, 32), (16, 32), (16, 32), (64, 16), seed=11)
