@@ -88,17 +88,20 @@ def _write_durably(path, write_fn):
     atomic_write(path, write_and_sync)
 
 
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=None):
     """
     Write one checkpoint. Rank 0 writes the model and, last, the meta JSON; every rank that
-    passes optimizer_data writes its own optimizer shard. In a multi-rank run with optimizer data
-    this is a collective (barriers make rank 0 wait for every shard before it marks the
-    checkpoint complete), so every rank must call it. The meta gets `world_size`, the number of
-    ranks of this run (= optimizer shards to expect).
+    passes optimizer_data writes its own optimizer shard. The meta gets `world_size`, the number
+    of ranks of this run (= optimizer shards to expect).
+    Called on every rank with rank=<this rank> (as base_train does) in a multi-rank run with
+    optimizer data, it is a collective: barriers make rank 0 wait for every shard before it marks
+    the checkpoint complete. Called without rank, it writes as rank 0 and waits for no one:
+    upstream's mid_train saves from rank 0 alone that way, and a barrier would hang it.
     """
     step = int(step)
     world_size = _current_world_size()
-    collective = optimizer_data is not None and world_size > 1
+    collective = rank is not None and optimizer_data is not None and world_size > 1
+    rank = 0 if rank is None else rank
     os.makedirs(checkpoint_dir, exist_ok=True)
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         # Re-saving a step: drop its completion mark first, so that a crash while the new files

@@ -10,10 +10,12 @@ by the test, where rank r trains on batches[step, r]. Writes:
   two_ranks_step3.pt           params after a 3rd step that simply continues the run
   two_ranks_resumed_step3.pt   params after a 3rd step resumed from two_ranks/ (own shards)
   one_to_two_step3.pt          params after a 3rd step resumed from WORKDIR/one_rank/ (re-sharded)
+  rank0_only/                  step-3 checkpoint saved by rank 0 alone with no rank argument
 """
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -61,6 +63,17 @@ def main(workdir):
         train_step(model, optimizer, batches[2, rank])
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(workdir, result))
+    # Upstream's mid_train saves from rank 0 alone, without a rank argument: that must not wait for
+    # the other ranks (rank 1 runs no collective meanwhile, so a barrier in there would hang).
+    done_marker = os.path.join(workdir, "rank0_only_saved")
+    if rank == 0:
+        save_checkpoint(os.path.join(workdir, "rank0_only"), 3, model.state_dict(), optimizer.state_dict(), {"model_config": config})
+        open(done_marker, "w").close()
+    else:
+        for _ in range(600):
+            if os.path.exists(done_marker):
+                break
+            time.sleep(0.1)
     dist.barrier()
     compute_cleanup()
     # About 1 run in 25 a rank died here with SIGABRT ("terminate called without an active

@@ -491,6 +491,9 @@ def test_optimizer_shards_resume_on_another_world_size(tmp_path):
     two_ranks_step3 = torch.load(tmp_path / "two_ranks_step3.pt")
     assert_same_params(model.state_dict(), two_ranks_step3, atol=1e-5)
 
+    # Rank 0 alone, no rank argument (upstream's mid_train): a complete checkpoint, no hang.
+    assert sorted(os.listdir(tmp_path / "rank0_only")) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
+
     # Same world size: each rank's own shard gives exactly the continued run.
     assert_same_params(torch.load(tmp_path / "two_ranks_resumed_step3.pt"), two_ranks_step3, atol=0)
     # 1 process -> 2 ranks: the re-sharded 3rd step equals the single-process one.
