@@ -12,6 +12,9 @@ Run it:
         --eval-tokens=512 --core-metric-every=-1 --total-batch-size=512 --num-iterations=20   # CPU
     python -m scripts.base_train --depth=4 ... --resume-from-step=10          # continue a run
 
+The model and the optimizer kernels are torch.compile'd (the first step pays for it: ~25 s for
+the CPU example); NANOCHAT_COMPILE=0 runs eagerly.
+
 Reads  $NANOCHAT_BASE_DIR/base_data/*.parquet and $NANOCHAT_BASE_DIR/tokenizer/.
 Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.* and the
 "Base model training" section of the report.
