@@ -3,7 +3,7 @@
 # pipeline). Launch it in a screen session so it survives a dropped connection:
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
 #   WANDB_RUN=speedrun screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh   # with wandb
-# Phases that are not built yet (midtraining, SFT, evaluations, report card) are not run.
+# Phases that are not built yet (CORE evaluation, midtraining, SFT, chat evaluations) are not run.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,3 +33,7 @@ wait $DATASET_DOWNLOAD_PID
 
 torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- --depth=20 --target-param-data-ratio=20 --run="$WANDB_RUN"
 torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_loss
+
+# The report card: the sections the phases above wrote, stitched into report.md (here and in
+# $NANOCHAT_BASE_DIR/report/); sections of phases that did not run are reported as skipped.
+python -m nanochat.report generate

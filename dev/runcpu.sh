@@ -3,7 +3,7 @@
 # Hugging Face hub cannot be reached. It shows every phase working end to end; the model it
 # trains is tiny and its outputs are mostly nonsense. Takes ~20-30 minutes on 2 cores.
 #   bash dev/runcpu.sh
-# Phases that are not built yet (midtraining, SFT, evaluations, report card) are not run.
+# Phases that are not built yet (CORE evaluation, midtraining, SFT, chat evaluations) are not run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,3 +37,7 @@ python -m scripts.base_train \
     --eval-every=50 --eval-tokens=65536 --core-metric-every=-1 --sample-every=100 \
     --num-iterations=300 --save-every=100 --run="$WANDB_RUN"
 python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
+
+# The report card: the sections the phases above wrote, stitched into report.md (here and in
+# $NANOCHAT_BASE_DIR/report/); sections of phases that did not run are reported as skipped.
+python -m nanochat.report generate
