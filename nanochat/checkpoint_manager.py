@@ -31,7 +31,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import UserError, atomic_write, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import consolidate_state_dicts, shard_state_dict
 from nanochat.tokenizer import get_tokenizer
@@ -47,7 +47,7 @@ CHECKPOINT_DIRS = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be used (damaged, or inconsistent with its meta)."""
 
 

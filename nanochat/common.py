@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.request
 
@@ -212,6 +213,27 @@ def compile_enabled(device_type):
             _compile_warning_shown = True
         return False
     return True
+
+
+class UserError(Exception):
+    """Input the user can fix (flags, files, checkpoints); the message says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A flag combination that cannot work; the message says what to change."""
+
+
+def run_script(main, name):
+    """
+    Run a script's main(). A UserError or a missing file ends it with one line, no traceback, and
+    exit code 2; anything else is a bug and keeps its traceback.
+    """
+    try:
+        main()
+    except (UserError, FileNotFoundError) as error:
+        print0(f"{name}: {error}")
+        compute_cleanup()
+        sys.exit(2)
 
 
 def compute_init(device_type="cuda"):

@@ -19,13 +19,15 @@ import sys
 
 import torch
 
-from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, normalize_flag_names, print0
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import (
+    ConfigError, autodetect_device_type, compute_cleanup, compute_init, normalize_flag_names, print0, run_script,
+)
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import SAMPLE_PROMPTS, ConfigError
+from scripts.base_train import SAMPLE_PROMPTS
 
 
 def parse_args(argv=None):
@@ -140,9 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, CheckpointError) as error:
-        print0(f"base_loss: {error}")
-        compute_cleanup()
-        sys.exit(2)
+    run_script(main, "base_loss")

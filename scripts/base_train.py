@@ -35,11 +35,11 @@ import torch.distributed as dist
 
 from nanochat import flash_attention
 from nanochat.checkpoint_manager import (
-    CheckpointError, load_checkpoint, load_model_state, load_optimizer_for_rank, save_checkpoint,
+    load_checkpoint, load_model_state, load_optimizer_for_rank, save_checkpoint,
 )
 from nanochat.common import (
-    COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compile_enabled, compute_cleanup, compute_init,
-    get_base_dir, get_peak_flops, normalize_flag_names, print0, print_banner,
+    COMPUTE_DTYPE, ConfigError, DummyWandb, autodetect_device_type, compile_enabled, compute_cleanup, compute_init,
+    get_base_dir, get_peak_flops, normalize_flag_names, print0, print_banner, run_script,
 )
 from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
@@ -101,10 +101,6 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
     return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
-
-
-class ConfigError(ValueError):
-    """A flag combination that cannot work; the message says what to change."""
 
 
 def model_config_for_depth(args, vocab_size):
@@ -526,9 +522,4 @@ def step_with_loss_scaling(scaler, optimizer, ddp):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, CheckpointError) as error:
-        print0(f"base_train: {error}")
-        compute_cleanup()
-        sys.exit(2)
+    run_script(main, "base_train")

@@ -161,3 +161,21 @@ def test_compile_is_on_by_default_off_by_env_and_off_without_a_cpu_compiler(monk
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "no C++ compiler" in caplog.records[0].getMessage()
     assert common.compile_enabled("cuda")  # the compiler check is for CPU code generation only
+
+
+def test_run_script_turns_user_errors_into_one_line_and_exit_2_but_keeps_bugs_loud(capsys):
+    from nanochat.checkpoint_manager import CheckpointError
+
+    for error in (common.ConfigError("--depth must be >= 1"), FileNotFoundError("no checkpoint at /x"),
+                  CheckpointError("checkpoint file /x is damaged")):
+        def main(error=error):
+            raise error
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_script(main, "base_train")
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().out == f"base_train: {error}\n"
+
+    def buggy_main():
+        raise ZeroDivisionError("a bug")
+    with pytest.raises(ZeroDivisionError):
+        common.run_script(buggy_main, "base_train")
