@@ -243,11 +243,11 @@ def compute_init(device_type="cuda"):
     (ddp, rank, local_rank, world_size, device).
     """
     if device_type not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"device_type must be cuda, mps or cpu, got {device_type!r}")
+        raise ConfigError(f"--device-type must be cuda, mps or cpu, got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type cuda was requested but CUDA is not available; pass --device-type cpu")
+        raise ConfigError("--device-type cuda was requested but CUDA is not available; pass --device-type cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device-type mps was requested but MPS is not available; pass --device-type cpu")
+        raise ConfigError("--device-type mps was requested but MPS is not available; pass --device-type cpu")
 
     torch.manual_seed(42)
     if device_type == "cuda":
@@ -265,7 +265,7 @@ def compute_init(device_type="cuda"):
         dist.init_process_group(backend="gloo")
         dist.barrier()
     elif ddp:
-        raise RuntimeError("multi-process runs need CUDA (nccl) or CPU (gloo); MPS has no collective backend")
+        raise ConfigError("multi-process runs need CUDA (nccl) or CPU (gloo); MPS has no collective backend: run one process")
     else:
         device = torch.device(device_type)
 

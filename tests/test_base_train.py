@@ -151,6 +151,18 @@ def test_bad_config_fails_at_start_with_a_message(base_dir, flags, message):
     assert not (base_dir / "base_checkpoints" / "bad").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+@pytest.mark.parametrize("device_flag, message", [
+    ("--device-type=cuda", "--device-type cuda was requested but CUDA is not available; pass --device-type cpu"),
+    ("--device-type=tpu", "--device-type must be cuda, mps or cpu, got 'tpu'"),
+])
+def test_unavailable_device_fails_at_start_with_a_message(base_dir, device_flag, message):
+    result = run_base_train(base_dir, "--num-iterations=2", device_flag, "--model-tag=bad_device")
+    assert result.returncode == 2
+    assert f"base_train: {message}" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
 def test_single_step_run_without_evaluation_still_saves_the_last_step(base_dir):
     """--eval-every=-1 skips every evaluation, the last step included; a 1-step horizon with no warmdown divides by nothing."""
     args = parse_args(TINY_FLAGS)

@@ -67,7 +67,7 @@ def test_compute_init_on_cpu_without_torchrun(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     ddp, rank, local_rank, world_size, device = common.compute_init("cpu")
     assert (ddp, rank, local_rank, world_size, device.type) == (False, 0, 0, 1, "cpu")
-    with pytest.raises(ValueError, match="device_type must be cuda, mps or cpu"):
+    with pytest.raises(common.ConfigError, match="device-type must be cuda, mps or cpu"):
         common.compute_init("tpu")
 
 
