@@ -12,6 +12,7 @@ with `python -m nanochat.tiktoken_refs` (a missing baseline is reported in one l
 Writes the "Tokenizer evaluation" report section (one markdown table per baseline).
 """
 
+from nanochat.common import run_script
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tiktoken_refs import ReferenceEncodingUnavailable
@@ -182,4 +183,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "tok_eval")

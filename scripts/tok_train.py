@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, normalize_flag_names
+from nanochat.common import atomic_write, get_base_dir, normalize_flag_names, run_script
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_DIRNAME, RustBPETokenizer, compute_token_bytes
@@ -109,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "tok_train")

@@ -125,3 +125,16 @@ def test_tok_eval_compares_with_gpt2_and_gpt4(trained):
     for _, _, baseline_tokens, our_tokens, diff in rows:
         expected = (int(baseline_tokens) - int(our_tokens)) / int(baseline_tokens) * 100
         assert abs(expected - float(diff)) < 0.051
+
+
+@pytest.mark.parametrize("module, message", [
+    ("scripts.tok_train", "tok_train: no train shards in"),
+    ("scripts.tok_eval", "tok_eval: no tokenizer at"),
+])
+def test_missing_inputs_fail_with_one_line_that_says_what_to_run(tmp_path, module, message):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))  # empty: no shards, no tokenizer
+    result = subprocess.run([sys.executable, "-m", module], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stdout
+    assert "python -m" in result.stdout.split(message)[1].splitlines()[0]  # the fix: which command to run
+    assert "Traceback" not in result.stderr
