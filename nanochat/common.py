@@ -3,6 +3,7 @@ Utilities shared by every phase: logging, the artifact directory, rank-aware pri
 device/distributed initialization, the compute dtype, downloads, and the GPU peak-FLOPs table.
 """
 
+import functools
 import logging
 import os
 import re
@@ -192,7 +193,14 @@ def _detect_compute_dtype():
 COMPUTE_DTYPE = _detect_compute_dtype()
 
 
-_compile_warning_shown = False
+@functools.cache
+def _cpu_compiler_available():
+    """Inductor generates C++ for CPU code; looked up (and warned about) once per process."""
+    found = any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++") if cxx)
+    if not found:
+        logger.warning("torch.compile is off: no C++ compiler (g++/clang++) on PATH for CPU code generation; "
+                       "install one for ~1.35x faster CPU training, or set NANOCHAT_COMPILE=0 to silence this")
+    return found
 
 
 def compile_enabled(device_type):
@@ -202,17 +210,9 @@ def compile_enabled(device_type):
     compile, dev/LOG.md). NANOCHAT_COMPILE=0 turns it off; the tests do, to skip that compile.
     On CPU, inductor needs a C++ compiler: without one we say so once and run eagerly.
     """
-    global _compile_warning_shown
-    flag = os.environ.get("NANOCHAT_COMPILE", "").strip().lower()
-    if flag in ("0", "false", "no", "off"):
+    if os.environ.get("NANOCHAT_COMPILE", "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if device_type == "cpu" and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++") if cxx):
-        if not _compile_warning_shown:
-            logger.warning("torch.compile is off: no C++ compiler (g++/clang++) on PATH for CPU code generation; "
-                           "install one for ~1.35x faster CPU training, or set NANOCHAT_COMPILE=0 to silence this")
-            _compile_warning_shown = True
-        return False
-    return True
+    return device_type != "cpu" or _cpu_compiler_available()
 
 
 class UserError(Exception):

@@ -148,19 +148,20 @@ def test_download_with_lock_leaves_nothing_behind_when_the_connection_drops(tmp_
 
 def test_compile_is_on_by_default_off_by_env_and_off_without_a_cpu_compiler(monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
-    monkeypatch.setattr(common, "_compile_warning_shown", False)
     assert common.compile_enabled("cuda")
     monkeypatch.setenv("NANOCHAT_COMPILE", "0")
     assert not common.compile_enabled("cuda")
     monkeypatch.setenv("NANOCHAT_COMPILE", "1")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH: no g++, c++ or clang++
     monkeypatch.delenv("CXX", raising=False)
+    common._cpu_compiler_available.cache_clear()
     with caplog.at_level("WARNING"):
         assert not common.compile_enabled("cpu")
         assert not common.compile_enabled("cpu")
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "no C++ compiler" in caplog.records[0].getMessage()
     assert common.compile_enabled("cuda")  # the compiler check is for CPU code generation only
+    common._cpu_compiler_available.cache_clear()  # the next test looks again, on the real PATH
 
 
 def test_run_script_turns_user_errors_into_one_line_and_exit_2_but_keeps_bugs_loud(capsys):
