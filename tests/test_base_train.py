@@ -72,17 +72,18 @@ def child_env(base):
     return env
 
 
-def run_base_train(base, *flags, nproc=1, timeout=300):
+def run_base_train(base, *flags, nproc=1, timeout=300, env_overrides=None):
+    env = dict(child_env(base), **(env_overrides or {}))
     if nproc == 1:
         cmd = [sys.executable, "-m", "scripts.base_train", *TINY_FLAGS, *flags]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "scripts.base_train", "--", *TINY_FLAGS, *flags]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if nproc > 1 and result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
         # gloo on CPU rarely aborts a rank while the interpreter exits, after all work is done
         # (~1 in 50 launches here); that says nothing about the code under test: run it again.
-        result = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(base), capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return result
 
 

@@ -5,8 +5,6 @@ LR / momentum / weight-decay schedules never trigger a recompile. A cold compile
 seconds on 2 cores, so these are the only tests that turn NANOCHAT_COMPILE on (conftest turns it off).
 """
 
-import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,12 +15,8 @@ import torch._dynamo
 from nanochat.optim import MuonAdamW
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_base_train import REPO_ROOT, TINY_FLAGS, base_dir, child_env, parse_losses, parse_val_bpb  # noqa: E402,F401
-
-WORKER_PATH = Path(__file__).with_name("dist_optim_worker.py")
-_spec = importlib.util.spec_from_file_location("dist_optim_worker", WORKER_PATH)
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+import dist_optim_worker as worker  # noqa: E402
+from test_base_train import base_dir, parse_losses, parse_val_bpb, run_base_train  # noqa: E402,F401
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
@@ -62,12 +56,11 @@ def test_compiled_optimizer_matches_eager_and_schedules_never_recompile(monkeypa
 
 @pytest.mark.slow
 def test_compiled_base_train_matches_eager(base_dir):
-    flags = [*TINY_FLAGS, "--num-iterations=6", "--eval-every=3", "--warmdown-ratio=0.5"]
+    flags = ["--num-iterations=6", "--eval-every=3", "--warmdown-ratio=0.5"]
     outputs = {}
     for compile_flag in ("0", "1"):
-        env = dict(child_env(base_dir), NANOCHAT_COMPILE=compile_flag)
-        result = subprocess.run([sys.executable, "-m", "scripts.base_train", *flags, f"--model-tag=compile{compile_flag}"],
-                                cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        result = run_base_train(base_dir, *flags, f"--model-tag=compile{compile_flag}", timeout=600,
+                                env_overrides={"NANOCHAT_COMPILE": compile_flag})
         assert result.returncode == 0, result.stdout + result.stderr
         outputs[compile_flag] = result.stdout
     eager_losses, compiled_losses = (parse_losses(outputs[flag]) for flag in ("0", "1"))

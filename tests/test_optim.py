@@ -5,7 +5,6 @@ checkpoints re-sharded between world sizes.
 """
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,9 +17,8 @@ from nanochat.optim import MuonAdamW, consolidate_state_dicts, polar_express, sh
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_PATH = Path(__file__).with_name("dist_optim_worker.py")
-_spec = importlib.util.spec_from_file_location("dist_optim_worker", WORKER_PATH)
-worker = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(worker)
+sys.path.insert(0, str(WORKER_PATH.parent))
+import dist_optim_worker as worker  # noqa: E402
 
 
 def adamw_group(params, lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.0):
