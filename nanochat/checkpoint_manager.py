@@ -31,7 +31,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, atomic_write, get_base_dir
+from nanochat.common import MissingInputError, UserError, atomic_open, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import consolidate_state_dicts, shard_state_dict
 from nanochat.tokenizer import get_tokenizer
@@ -76,17 +76,6 @@ def _current_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _write_durably(path, write_fn):
-    """atomic_write, plus fsync before the rename: after a power cut the renamed file has its bytes."""
-
-    def write_and_sync(tmp_path):
-        with open(tmp_path, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write_and_sync)
-
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=None):
     """
@@ -111,18 +100,21 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         dist.barrier()  # no rank overwrites its shard while the old meta still vouches for it
     if rank == 0:
         path = model_path(checkpoint_dir, step)
-        _write_durably(path, lambda f: torch.save(model_data, f))
+        with atomic_open(path, "wb") as f:
+            torch.save(model_data, f)
         logger.info(f"Saved model parameters to: {path}")
     if optimizer_data is not None:
         path = optim_path(checkpoint_dir, step, rank)
-        _write_durably(path, lambda f: torch.save(optimizer_data, f))
+        with atomic_open(path, "wb") as f:
+            torch.save(optimizer_data, f)
         logger.info(f"Saved optimizer state to: {path}")
     if collective:
         dist.barrier()  # every shard is on disk
     if rank == 0:
         meta = {**meta_data, "world_size": world_size}
         path = meta_path(checkpoint_dir, step)
-        _write_durably(path, lambda f: f.write(json.dumps(meta, indent=2).encode("utf-8")))
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
         logger.info(f"Saved metadata to: {path}")
 
 
@@ -132,7 +124,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
 
 def _torch_load(path, device):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}: run the training phase first or pass --model-tag/--step")
+        raise MissingInputError(f"no checkpoint file at {path}: run the training phase first or pass --model-tag/--step")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, ...: all mean the same to the user
@@ -143,7 +135,7 @@ def _torch_load(path, device):
 def _load_meta(checkpoint_dir, step):
     path = meta_path(checkpoint_dir, step)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no complete checkpoint at {path} (the meta JSON is written last, so this step "
+        raise MissingInputError(f"no complete checkpoint at {path} (the meta JSON is written last, so this step "
                                 "was never finished): pass an earlier --step")
     try:
         with open(path, encoding="utf-8") as f:
@@ -161,7 +153,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """
     step = int(step)
     if not os.path.exists(model_path(checkpoint_dir, step)):
-        raise FileNotFoundError(f"no checkpoint at {model_path(checkpoint_dir, step)}: "
+        raise MissingInputError(f"no checkpoint at {model_path(checkpoint_dir, step)}: "
                                 "run base_train first or pass --model-tag/--step")
     meta_data = _load_meta(checkpoint_dir, step)
     model_data = _torch_load(model_path(checkpoint_dir, step), device)
@@ -200,12 +192,12 @@ def load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size):
     step = int(step)
     saved = saved_world_size(checkpoint_dir, step)
     if not _has_optimizer_state(checkpoint_dir, step, saved):
-        raise FileNotFoundError(f"checkpoint {meta_path(checkpoint_dir, step)} has no optimizer state "
+        raise MissingInputError(f"checkpoint {meta_path(checkpoint_dir, step)} has no optimizer state "
                                 "(it was saved without one): start the optimizer fresh instead")
     missing = [optim_path(checkpoint_dir, step, r) for r in range(saved)
                if not os.path.exists(optim_path(checkpoint_dir, step, r))]
     if missing:
-        raise FileNotFoundError(f"checkpoint was saved on {saved} ranks but optimizer shards are missing: "
+        raise MissingInputError(f"checkpoint was saved on {saved} ranks but optimizer shards are missing: "
                                 f"{', '.join(missing)}; copy them from the training machine or start the optimizer fresh")
     if saved == world_size:
         return _torch_load(optim_path(checkpoint_dir, step, rank), device)
@@ -309,10 +301,10 @@ def build_model(checkpoint_dir, step, device, phase):
 def find_largest_model(checkpoints_dir):
     """The model tag to load by default: the deepest d<depth> directory, else the newest one."""
     if not os.path.isdir(checkpoints_dir):
-        raise FileNotFoundError(f"no checkpoints directory at {checkpoints_dir}: run base_train first")
+        raise MissingInputError(f"no checkpoints directory at {checkpoints_dir}: run base_train first")
     model_tags = [name for name in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, name))]
     if not model_tags:
-        raise FileNotFoundError(f"no checkpoints in {checkpoints_dir}: run base_train first")
+        raise MissingInputError(f"no checkpoints in {checkpoints_dir}: run base_train first")
     depths = [(int(m.group(1)), tag) for tag in model_tags if (m := re.match(r"d(\d+)", tag))]
     if depths:
         return max(depths)[1]
@@ -328,7 +320,7 @@ def find_last_step(checkpoint_dir):
             if m and os.path.exists(os.path.join(checkpoint_dir, f"meta_{m.group(1)}.json")):
                 steps.append(int(m.group(1)))
     if not steps:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}: run the training phase first")
+        raise MissingInputError(f"no complete checkpoint in {checkpoint_dir}: run the training phase first")
     return max(steps)
 
 
@@ -346,7 +338,7 @@ def _resolve_checkpoint(checkpoints_dir, model_tag=None, step=None):
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         available = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
-        raise FileNotFoundError(f"no checkpoint at {checkpoint_dir}: run base_train first or pass --model-tag "
+        raise MissingInputError(f"no checkpoint at {checkpoint_dir}: run base_train first or pass --model-tag "
                                 f"(available: {', '.join(available) or 'none'})")
     if step is None:
         step = find_last_step(checkpoint_dir)

@@ -3,6 +3,7 @@ Utilities shared by every phase: logging, the artifact directory, rank-aware pri
 device/distributed initialization, the compute dtype, downloads, and the GPU peak-FLOPs table.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -58,21 +59,51 @@ def get_base_dir():
     return base_dir
 
 
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path), then rename tmp_path onto path: readers never see a partial file."""
+def _read_umask():
+    # os.umask can only be read by setting it; done once, at import, before any thread runs
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb", encoding=None):
+    """
+    Write a file so that readers see the old file or the whole new one, never part of it, even
+    after a power cut:
+
+        with atomic_open(path, "wb") as f:
+            torch.save(obj, f)
+
+    f is a temp file beside path (f.name is its path, for writers that want one). On a clean
+    exit it is flushed and fsynced, renamed onto path, and the directory is fsynced so the
+    rename itself is durable. On an exception the temp file is removed and path is untouched.
+    """
+    if mode not in ("w", "wb", "w+b"):
+        raise ValueError(f"atomic_open writes a whole new file: mode must be 'w', 'wb' or 'w+b', got {mode!r}")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
     try:
-        write_fn(tmp_path)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+        os.close(fd)
+        with open(tmp_path, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def download_file_with_lock(url, filename, postprocess_fn=None):
@@ -89,15 +120,12 @@ def download_file_with_lock(url, filename, postprocess_fn=None):
             return file_path
         print(f"Downloading {url}...")
 
-        def fetch(tmp_path):
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp_path, "wb") as f:
-                shutil.copyfileobj(response, f)
-                expected = response.headers.get("Content-Length")
-                # A dropped connection can end the body early without an exception: check the size.
-                if expected is not None and f.tell() != int(expected):
-                    raise OSError(f"download of {url} was cut short: got {f.tell()} of {expected} bytes; try again")
-
-        atomic_write(file_path, fetch)
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_open(file_path, "wb") as f:
+            shutil.copyfileobj(response, f)
+            expected = response.headers.get("Content-Length")
+            # A dropped connection can end the body early without an exception: check the size.
+            if expected is not None and f.tell() != int(expected):
+                raise OSError(f"download of {url} was cut short: got {f.tell()} of {expected} bytes; try again")
         print(f"Downloaded to {file_path}")
         if postprocess_fn is not None:
             postprocess_fn(file_path)
@@ -223,16 +251,25 @@ class ConfigError(UserError, ValueError):
     """A flag combination that cannot work; the message says what to change."""
 
 
+class MissingInputError(UserError, FileNotFoundError):
+    """An input a phase needs is not there (shards, tokenizer, checkpoint); the message names the command that makes it."""
+
+
 def run_script(main, name):
     """
-    Run a script's main(). A UserError or a missing file ends it with one line, no traceback, and
-    exit code 2; anything else is a bug and keeps its traceback.
+    Run a script's main(). A UserError ends it with one line, no traceback, and exit code 2;
+    anything else (a FileNotFoundError from a bug too) is a bug and keeps its traceback.
+    Neither path waits for the other ranks: a rank that fails just exits, its peers' collectives
+    then fail (and torchrun ends them), so no rank is left hanging in a barrier.
     """
     try:
         main()
-    except (UserError, FileNotFoundError) as error:
-        print0(f"{name}: {error}")
-        compute_cleanup()
+    except UserError as error:
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0:
+            print(f"{name}: {error}", flush=True)
+        else:  # usually every rank fails alike; rank 0 already said it on stdout
+            print(f"{name} (rank {rank}): {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -275,9 +312,10 @@ def compute_init(device_type="cuda"):
 
 
 def compute_cleanup():
+    """End of a successful run, on every rank: wait for the peers, then leave the process group."""
     if is_ddp_initialized():
         # Let every rank finish its collectives first: tearing gloo down while a peer still
-        # talks to it can abort the process at exit.
+        # talks to it can abort the process at exit. Only reached when every rank got here.
         dist.barrier()
         dist.destroy_process_group()
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
-from nanochat.common import atomic_write, get_base_dir, normalize_flag_names
+from nanochat.common import MissingInputError, atomic_open, get_base_dir, normalize_flag_names
 
 # -----------------------------------------------------------------------------
 # Where the shards live and how they split
@@ -78,11 +78,11 @@ def get_split_paths(split, data_dir=None):
     if split == "val":
         paths = [p for p in paths if os.path.basename(p) == val_name]
         if not paths:
-            raise FileNotFoundError(f"no val shard {os.path.join(data_dir, val_name)}: {HOW_TO_GET_DATA}")
+            raise MissingInputError(f"no val shard {os.path.join(data_dir, val_name)}: {HOW_TO_GET_DATA}")
     else:
         paths = [p for p in paths if os.path.basename(p) != val_name]
         if not paths:
-            raise FileNotFoundError(f"no train shards in {data_dir}: {HOW_TO_GET_DATA}")
+            raise MissingInputError(f"no train shards in {data_dir}: {HOW_TO_GET_DATA}")
     return paths
 
 
@@ -105,13 +105,11 @@ def write_shard(path, texts, row_group_size=ROW_GROUP_SIZE):
     """Write texts as one shard in the SPEC 3.1 format, atomically (temp file + rename)."""
     table = pa.table({"text": pa.array(texts, type=pa.string())})
 
-    def write(tmp_path):
+    with atomic_open(path, "wb") as f:
         pq.write_table(
-            table, tmp_path, row_group_size=row_group_size, use_dictionary=False,
+            table, f, row_group_size=row_group_size, use_dictionary=False,
             compression="zstd", compression_level=3, write_statistics=False,
         )
-
-    atomic_write(path, write)
 
 
 class ShardWriter:
@@ -247,8 +245,8 @@ def _describe_error(error):
     return text[:200]
 
 
-def _fetch_verified(url, tmp_path, timeout, chunk_size=1 << 20):
-    """Stream url into tmp_path; raise unless the body is complete and a readable shard. Returns bytes."""
+def _fetch_verified(url, f, timeout, chunk_size=1 << 20):
+    """Stream url into the open file f; raise unless the body is complete and a readable shard. Returns bytes."""
     with requests.get(url, stream=True, timeout=timeout) as response:
         status = response.status_code
         if status != 200:
@@ -259,13 +257,13 @@ def _fetch_verified(url, tmp_path, timeout, chunk_size=1 << 20):
         # Content-Length counts encoded bytes; only compare when the body is sent as-is.
         expected = None if response.headers.get("Content-Encoding") else response.headers.get("Content-Length")
         num_bytes = 0
-        with open(tmp_path, "wb") as f:
-            for chunk in response.iter_content(chunk_size=chunk_size):
-                f.write(chunk)
-                num_bytes += len(chunk)
+        for chunk in response.iter_content(chunk_size=chunk_size):
+            f.write(chunk)
+            num_bytes += len(chunk)
+        f.flush()
     if expected is not None and num_bytes != int(expected):
         raise ShardDownloadError(f"incomplete body: {num_bytes} of {expected} bytes")
-    problem = shard_problem(tmp_path)
+    problem = shard_problem(f.name)
     if problem:
         raise ShardDownloadError(f"downloaded file is not a valid shard ({problem})")
     return num_bytes
@@ -288,10 +286,10 @@ def download_shard(index, data_dir=None, base_url=None, attempts=5, backoff_base
     reason = ""
     for attempt in range(1, attempts + 1):
         start = time.time()
-        sizes = []
         try:
-            atomic_write(path, lambda tmp_path: sizes.append(_fetch_verified(url, tmp_path, timeout)))
-            return ShardResult(index, "downloaded", sizes[0], time.time() - start)
+            with atomic_open(path, "wb") as f:
+                num_bytes = _fetch_verified(url, f, timeout)
+            return ShardResult(index, "downloaded", num_bytes, time.time() - start)
         except PermanentDownloadError as e:
             return ShardResult(index, "failed", reason=str(e))
         except (requests.RequestException, ShardDownloadError, OSError) as e:

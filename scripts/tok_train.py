@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, normalize_flag_names, run_script
+from nanochat.common import atomic_open, get_base_dir, normalize_flag_names, run_script
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_DIRNAME, RustBPETokenizer, compute_token_bytes
@@ -87,11 +87,8 @@ def main(argv=None):
     token_bytes = compute_token_bytes(tokenizer)
     token_bytes_path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
 
-    def write(tmp_path):
-        with open(tmp_path, "wb") as f:
-            torch.save(token_bytes, f)
-
-    atomic_write(token_bytes_path, write)
+    with atomic_open(token_bytes_path, "wb") as f:
+        torch.save(token_bytes, f)
     print(f"Saved token_bytes to {token_bytes_path}")
 
     text_token_bytes = token_bytes[token_bytes > 0].to(torch.float32)

@@ -71,23 +71,48 @@ def test_compute_init_on_cpu_without_torchrun(monkeypatch):
         common.compute_init("tpu")
 
 
-def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+def test_atomic_open_replaces_whole_files_with_normal_permissions(tmp_path):
     path = tmp_path / "out.bin"
-    common.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"first"))
+    with common.atomic_open(str(path), "wb") as f:
+        f.write(b"first")
     assert path.read_bytes() == b"first"
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
-    def crash(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"half")
-        raise OSError("disk full")
-
     with pytest.raises(OSError, match="disk full"):
-        common.atomic_write(str(path), crash)
+        with common.atomic_open(str(path), "wb") as f:
+            f.write(b"half")
+            assert os.path.basename(f.name) != "out.bin"  # the bytes go to a temp file beside it
+            raise OSError("disk full")
     assert path.read_bytes() == b"first"
     assert sorted(os.listdir(tmp_path)) == ["out.bin"]  # no temp file left behind
+
+    with pytest.raises(ValueError, match="mode must be"):
+        with common.atomic_open(str(path), "ab"):
+            pass
+
+
+def test_atomic_open_from_many_threads_leaves_the_umask_alone(tmp_path):
+    import concurrent.futures
+
+    before = os.umask(0o027)
+    os.umask(0o027)
+    try:
+        def write(i):
+            with common.atomic_open(str(tmp_path / f"f{i % 4}.txt"), "w") as f:
+                f.write(str(i) * 1000)
+            return os.umask(0o027)  # reading the umask sets it; set it back to what it must be
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            seen = set(pool.map(write, range(200)))
+        assert seen == {0o027}  # no writer ever changed it, not even briefly
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(before)
+    for i in range(4):
+        assert len((tmp_path / f"f{i}.txt").read_text()) % 1000 == 0  # each file is one whole write
+    assert sorted(os.listdir(tmp_path)) == [f"f{i}.txt" for i in range(4)]
 
 
 class _Server:
@@ -167,7 +192,7 @@ def test_compile_is_on_by_default_off_by_env_and_off_without_a_cpu_compiler(monk
 def test_run_script_turns_user_errors_into_one_line_and_exit_2_but_keeps_bugs_loud(capsys):
     from nanochat.checkpoint_manager import CheckpointError
 
-    for error in (common.ConfigError("--depth must be >= 1"), FileNotFoundError("no checkpoint at /x"),
+    for error in (common.ConfigError("--depth must be >= 1"), common.MissingInputError("no checkpoint at /x"),
                   CheckpointError("checkpoint file /x is damaged")):
         def main(error=error):
             raise error
@@ -176,7 +201,50 @@ def test_run_script_turns_user_errors_into_one_line_and_exit_2_but_keeps_bugs_lo
         assert exit_info.value.code == 2
         assert capsys.readouterr().out == f"base_train: {error}\n"
 
-    def buggy_main():
-        raise ZeroDivisionError("a bug")
-    with pytest.raises(ZeroDivisionError):
-        common.run_script(buggy_main, "base_train")
+    for bug in (ZeroDivisionError("a bug"), FileNotFoundError("a path the code got wrong")):
+        def buggy_main(bug=bug):
+            raise bug
+        with pytest.raises(type(bug)):
+            common.run_script(buggy_main, "base_train")
+
+
+_RANK_FAILS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from nanochat.common import ConfigError, compute_cleanup, compute_init, run_script
+
+def main():
+    _, rank, _, _, _ = compute_init("cpu")
+    if rank == 1:
+        raise {error}
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that is gone
+    compute_cleanup()
+
+run_script(main, "worker")
+"""
+
+
+@pytest.mark.parametrize("error, code", [("ConfigError('--depth must be >= 1')", 2), ("ZeroDivisionError('a bug')", 1)])
+def test_a_failing_rank_ends_every_rank_within_seconds(error, code):
+    # Plain processes, no torchrun agent to kill the survivor: the ranks must end on their own.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = _RANK_FAILS_SCRIPT.format(error=error)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == code, outputs[1]
+    assert procs[0].returncode != 0, outputs[0]  # its collective failed instead of waiting forever
+    if code == 2:
+        assert "worker (rank 1): --depth must be >= 1" in outputs[1][1]
+        assert "Traceback" not in outputs[1][1]
