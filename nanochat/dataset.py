@@ -369,7 +369,7 @@ def main(argv=None):
     args = parse_args(argv)
     data_dir = args.data_dir or DATA_DIR
     if args.offline:
-        from nanochat.offline_corpus import build_offline_corpus  # only the offline path needs it
+        from dev.offline_data.corpus import build_offline_corpus  # only the offline path needs it
         build_offline_corpus(data_dir=data_dir, sources=args.sources, chars_per_shard=args.chars_per_shard,
                              val_docs=args.val_docs, max_train_shards=args.max_shards)
         return 0

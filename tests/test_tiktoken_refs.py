@@ -16,7 +16,7 @@ import tarfile
 import pytest
 import regex
 
-from nanochat.tiktoken_refs import (
+from dev.offline_data.tiktoken_refs import (
     GPT2_PATTERN, REFERENCE_ENCODINGS, ReferenceEncoding, ReferenceEncodingUnavailable, build_encoding,
     extract_from_sdist, get_reference_encoding, parse_tiktoken_ranks,
 )

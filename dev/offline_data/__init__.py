@@ -1,0 +1,1 @@
+"""Builders of offline inputs (python -m dev.offline_data)."""
