@@ -1,5 +1,5 @@
 """
-Repackage a text corpus into nanochat pretraining shards (the SPEC 3.1 format): parquet files
+Repackage a text corpus into nanochat pretraining shards (the FineWeb-Edu shard format): parquet files
 with one string column `text`, row groups of 1024 documents, zstd level 3, no dictionary, no
 statistics. A shard is closed once it holds >= --chars-per-shard characters AND a whole number
 of row groups. This is how the online corpus (FineWeb-Edu sample-100BT, shuffled with seed 42,
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import pyarrow.parquet as pq
 
-from nanochat.common import normalize_flag_names
+from nanochat.common import parse_flags
 from nanochat.dataset import ROW_GROUP_SIZE, VAL_SHARD_INDEX, shard_filename, write_train_val_shards
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-train-shards", type=int, default=None, help="stop after this many train shards (for trials)")
     parser.add_argument("--shuffle-seed", type=int, default=42, help="document shuffle seed (-1: keep input order)")
     parser.add_argument("--overwrite", action="store_true", help="allow an output dir that already has shards; stale ones are removed")
-    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    return parse_flags(parser, argv)
 
 
 def local_input_paths(files, directory):

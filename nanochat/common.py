@@ -150,6 +150,11 @@ def normalize_flag_names(argv):
     return normalized
 
 
+def parse_flags(parser, argv=None):
+    """parser.parse_args on argv (default: the command line), either flag spelling accepted."""
+    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+
+
 # -----------------------------------------------------------------------------
 # Rank-aware printing
 

@@ -234,7 +234,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Set every parameter (SPEC 1.7) and rebuild the rotary tables on the current device."""
+        """Set every parameter (upstream nanochat's init) and rebuild the rotary tables on the current device."""
         C = self.config.n_embd
         bound = math.sqrt(3) / math.sqrt(C)  # uniform with std 1/sqrt(C)
 

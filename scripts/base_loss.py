@@ -15,13 +15,12 @@ Writes the "Base model loss" section of the report.
 
 import argparse
 import os
-import sys
 
 import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import (
-    ConfigError, autodetect_device_type, compute_cleanup, compute_init, normalize_flag_names, print0, run_script,
+    ConfigError, autodetect_device_type, compute_cleanup, compute_init, parse_flags, print0, run_script,
 )
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
@@ -38,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last one)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--hf-path", type=str, default=None, help="evaluate a Hugging Face causal LM instead (hub id or local directory)")
-    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    return parse_flags(parser, argv)
 
 
 class HuggingFaceModel:

@@ -27,8 +27,8 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import argparse
 import gc
 import math
-import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, DummyWandb, autodetect_device_type, compile_enabled, compute_cleanup, compute_init,
-    get_base_dir, get_peak_flops, normalize_flag_names, print0, print_banner, run_script,
+    get_base_dir, get_peak_flops, parse_flags, print0, print_banner, run_script,
 )
 from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
@@ -100,11 +100,11 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = off)")
     parser.add_argument("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
-    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    return parse_flags(parser, argv)
 
 
 def model_config_for_depth(args, vocab_size):
-    """SPEC 1.2: width = depth * aspect_ratio rounded up to a multiple of head_dim, so heads are exactly head_dim wide."""
+    """width = depth * aspect_ratio rounded up to a multiple of head_dim, so heads are exactly head_dim wide."""
     if args.depth < 1:
         raise ConfigError(f"--depth must be >= 1, got {args.depth}")
     if args.max_seq_len < 1:
@@ -188,7 +188,7 @@ def muon_momentum(it):
 def manage_garbage_collection(step, first_step):
     """
     Python's cyclic GC pauses ~0.5 s at a time at this allocation rate while freeing almost
-    nothing (SPEC 17.13). After the first step of this process (0, or the resume step) collect
+    nothing (upstream measured this and turned it off). After the first step of this process (0, or the resume step) collect
     the setup garbage, freeze what survives and turn automatic collection off; then collect by
     hand every 5000 steps.
     """
@@ -207,14 +207,24 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    user_config = dict(vars(args))
-    print_banner()
+# -----------------------------------------------------------------------------
+# Setup: devices, the model and the training plan, each printed as it is decided
 
+
+@dataclass
+class Runtime:
+    device_type: str
+    ddp: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    peak_flops: float
+
+
+def setup_runtime(args):
+    """Pick the device, join the process group under torchrun, and say what hardware and kernels run."""
     device_type = args.device_type or autodetect_device_type()
-    ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    master_process = rank == 0
+    ddp, rank, _, world_size, device = compute_init(device_type)
     if device_type == "cuda":
         gpu_name = torch.cuda.get_device_name(device)
         peak_flops = get_peak_flops(gpu_name)
@@ -222,13 +232,6 @@ def main(argv=None):
     else:
         peak_flops = float("inf")  # MFU is only meaningful on a GPU
     print0(f"Compute dtype: {COMPUTE_DTYPE}")
-
-    if args.run == "dummy" or not master_process:
-        wandb_run = DummyWandb()
-    else:
-        import wandb
-        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
-
     if flash_attention.USE_FA3:
         print0("Using Flash Attention 3.")
     else:
@@ -236,14 +239,11 @@ def main(argv=None):
         if args.window_pattern.upper() != "L":
             print0(f"WARNING: SDPA runs the sliding windows of --window-pattern={args.window_pattern} with explicit masks, "
                    "which is slow; consider --window-pattern=L.")
+    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
 
-    # Tokenizer
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=device)
-    vocab_size = tokenizer.get_vocab_size()
-    print0(f"Vocab size: {vocab_size:,}")
 
-    # Model shape
+def build_and_describe_model(args, vocab_size, device):
+    """The model for --depth, initialized; prints its shape, parameter counts and FLOPs per token."""
     config, base_dim = model_config_for_depth(args, vocab_size)
     nudge = f" (nudged up from {base_dim})" if config.n_embd != base_dim else ""
     print0(f"num_layers: {config.n_layer}")
@@ -251,20 +251,38 @@ def main(argv=None):
     print0(f"num_heads: {config.n_head}")
     print0(f"head_dim: {config.n_embd // config.n_head}")
     print0(f"num_kv_heads: {config.n_kv_head}")
-
     model = build_model(config, device)
-    num_params = model.num_scaling_params()
     print0("Parameter counts:")
-    for key, value in num_params.items():
+    for key, value in model.num_scaling_params().items():
         print0(f"{key:24s}: {value:,}")
+    print0(f"Scaling parameters (transformer matrices + lm_head): {scaling_params(model):,}")
+    print0(f"Estimated FLOPs per token: {model.estimate_flops():e}")
+    return model
+
+
+@dataclass
+class TrainingPlan:
+    """Everything derived from the flags and the model before the first step."""
+    total_batch_size: int  # tokens per optimizer step, all ranks
+    grad_accum_steps: int
+    eval_steps: int  # micro-batches per val bpb evaluation
+    batch_lr_scale: float
+    weight_decay: float  # Muon's, before its linear decay to 0 over the run
+    num_iterations: int
+    flops_per_token: float
+    num_scaling_params: int
+
+    @property
+    def total_tokens(self):
+        return self.total_batch_size * self.num_iterations
+
+
+def plan_training(args, model, vocab_size, world_size):
+    """Batch size, gradient accumulation, LR scale, weight decay and horizon; fails early on flags that cannot work."""
     num_scaling_params = scaling_params(model)
     flops_per_token = model.estimate_flops()
-    print0(f"Scaling parameters (transformer matrices + lm_head): {num_scaling_params:,}")
-    print0(f"Estimated FLOPs per token: {flops_per_token:e}")
-
-    # Batch size, learning-rate scale and weight decay
     total_batch_size = args.total_batch_size
-    weight_decay = args.weight_decay * (12 / args.depth) ** 2  # optimal WD ~ 1/width^2 (LOG 2026-01-10)
+    weight_decay = args.weight_decay * (12 / args.depth) ** 2  # optimal WD ~ 1/width^2 (upstream LOG 2026-01-10)
     if total_batch_size == -1:
         total_batch_size, data_ratio = auto_total_batch_size(args, num_scaling_params, vocab_size)
         # constant T_epoch transfer (arXiv 2405.13698) replaces the depth rule when the batch moves too
@@ -298,126 +316,181 @@ def main(argv=None):
         # the loop stops when step == num_iterations, so it would never stop
         raise ConfigError(f"--resume-from-step={args.resume_from_step} is past the end of this run ({num_iterations} steps); "
                           "resume with the horizon flags of the original run or a longer horizon")
-    total_tokens = total_batch_size * num_iterations
+    plan = TrainingPlan(total_batch_size, grad_accum_steps, eval_steps, batch_lr_scale, weight_decay,
+                        num_iterations, flops_per_token, num_scaling_params)
     print0(f"{horizon_line}: {num_iterations:,}")
-    print0(f"Total number of training tokens: {total_tokens:,}")
-    print0(f"Tokens : Scaling params ratio: {total_tokens / num_scaling_params:.2f}")
-    print0(f"Total training FLOPs estimate: {flops_per_token * total_tokens:e}")
+    print0(f"Total number of training tokens: {plan.total_tokens:,}")
+    print0(f"Tokens : Scaling params ratio: {plan.total_tokens / num_scaling_params:.2f}")
+    print0(f"Total training FLOPs estimate: {flops_per_token * plan.total_tokens:e}")
+    return plan
 
-    # Resume: weights, this rank's optimizer state, data position and loop state
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    resuming = args.resume_from_step >= 0
-    meta = None
-    if resuming:
-        print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
-        model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=False, rank=rank)
-        saved_config = GPTConfig(**meta["model_config"])
-        if saved_config != config:
-            raise ConfigError(f"the checkpoint at step {args.resume_from_step} was trained with {saved_config}, "
-                              f"but these flags give {config}; resume with the original shape flags")
-        load_model_state(model, model_data)
-        del model_data
 
-    orig_model = model  # uncompiled: for saving, sampling and variable-shape evaluation
-    if compile_enabled(device_type):
-        model = torch.compile(model, dynamic=False)
-
-    optimizer = orig_model.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * batch_lr_scale, embedding_lr=args.embedding_lr * batch_lr_scale,
-        matrix_lr=args.matrix_lr * batch_lr_scale, weight_decay=weight_decay,
-        adam_betas=(args.adam_beta1, args.adam_beta2), scalar_lr=args.scalar_lr * batch_lr_scale,
+def build_optimizer(args, model, plan):
+    return model.setup_optimizer(
+        unembedding_lr=args.unembedding_lr * plan.batch_lr_scale, embedding_lr=args.embedding_lr * plan.batch_lr_scale,
+        matrix_lr=args.matrix_lr * plan.batch_lr_scale, weight_decay=plan.weight_decay,
+        adam_betas=(args.adam_beta1, args.adam_beta2), scalar_lr=args.scalar_lr * plan.batch_lr_scale,
     )
-    if resuming:
-        optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, args.resume_from_step, device, rank, world_size))
 
-    # fp16 needs loss scaling; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
 
-    # Data
-    loader_state = None
+# -----------------------------------------------------------------------------
+# Resume
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step; saved in every checkpoint's meta as loop_state."""
+    step: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float = float("inf")
+    smooth_train_loss: float = 0.0  # EMA of the train loss, not yet debiased
+    total_training_time: float = 0.0  # seconds, excluding the first 10 steps (compilation)
+
+
+def load_resume_checkpoint(args, checkpoint_dir, model, runtime):
+    """
+    Weights into the model (before compiling it); returns the checkpoint's meta, the loop state
+    and this rank's data loader position. The optimizer state is loaded after the optimizer exists.
+    """
+    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
+    model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, runtime.device, load_optimizer=False)
+    saved_config = GPTConfig(**meta["model_config"])
+    if saved_config != model.config:
+        raise ConfigError(f"the checkpoint at step {args.resume_from_step} was trained with {saved_config}, "
+                          f"but these flags give {model.config}; resume with the original shape flags")
+    load_model_state(model, model_data)
+    saved = meta["loop_state"]
+    loop = LoopState(step=args.resume_from_step, val_bpb=meta.get("val_bpb"),
+                     min_val_bpb=saved.get("min_val_bpb", float("inf")),
+                     smooth_train_loss=saved.get("smooth_train_loss", 0.0),
+                     total_training_time=saved.get("total_training_time", 0.0))
+    per_rank_states = meta.get("dataloader_state_dicts")
+    if per_rank_states and len(per_rank_states) == runtime.world_size:
+        loader_state = per_rank_states[runtime.rank]
+    else:
+        loader_state = meta["dataloader_state_dict"]  # other world size: the loader resumes approximately
+    return meta, loop, loader_state
+
+
+# -----------------------------------------------------------------------------
+# What happens between steps: evaluate, sample, save
+
+
+def evaluate_val_bpb(model, tokenizer, args, plan, token_bytes, device):
+    model.eval()
+    val_loader = tokenizing_distributed_data_loader_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
+    val_bpb = evaluate_bpb(model, val_loader, plan.eval_steps, token_bytes)
+    model.train()
+    return val_bpb
+
+
+def print_samples(model, tokenizer):
+    """Greedy continuations of a few fixed prompts: a quick look at what the model knows."""
+    model.eval()
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer(prompt, prepend="<|bos|>")
+        sample = list(model.generate(tokens, max_tokens=16, temperature=0))
+        print0(tokenizer.decode(tokens + sample))
+    model.train()
+
+
+def save_training_checkpoint(checkpoint_dir, model, optimizer, loop, loader_state, args, user_config, plan, runtime):
+    """A checkpoint to resume from: weights, every rank's optimizer shard and data position, the loop state."""
+    loader_states = [loader_state]
+    if runtime.ddp:
+        loader_states = [None] * runtime.world_size
+        dist.all_gather_object(loader_states, loader_state)
+    meta = {
+        "step": loop.step,
+        "val_bpb": loop.val_bpb,
+        "model_config": dict(model.config.__dict__),
+        "user_config": user_config,
+        "device_batch_size": args.device_batch_size,
+        "max_seq_len": args.max_seq_len,
+        "total_batch_size": plan.total_batch_size,
+        "world_size": runtime.world_size,
+        "dataloader_state_dict": loader_states[0],
+        "dataloader_state_dicts": loader_states,
+        "loop_state": {"min_val_bpb": loop.min_val_bpb, "smooth_train_loss": loop.smooth_train_loss,
+                       "total_training_time": loop.total_training_time},
+    }
+    save_checkpoint(checkpoint_dir, loop.step, model.state_dict(), optimizer.state_dict(), meta, rank=runtime.rank)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def set_schedules(optimizer, step, plan, args):
+    """LR multiplier for every group; Muon's momentum warmup and linearly decaying weight decay. Returns the LR multiplier."""
+    lrm = lr_multiplier(step, plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = muon_momentum(step)
+            group["weight_decay"] = plan.weight_decay * (1 - step / plan.num_iterations)
+    return lrm
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    print_banner()
+    runtime = setup_runtime(args)
+    device = runtime.device
+    master_process = runtime.rank == 0
+    if args.run == "dummy" or not master_process:
+        wandb_run = DummyWandb()
+    else:
+        import wandb
+        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
+
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    vocab_size = tokenizer.get_vocab_size()
+    print0(f"Vocab size: {vocab_size:,}")
+    orig_model = build_and_describe_model(args, vocab_size, device)  # uncompiled: saving, sampling, variable shapes
+    plan = plan_training(args, orig_model, vocab_size, runtime.world_size)
+
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
+    resuming = args.resume_from_step >= 0
+    loop, loader_state = LoopState(), None
     if resuming:
-        per_rank_states = meta.get("dataloader_state_dicts")
-        if per_rank_states and len(per_rank_states) == world_size:
-            loader_state = per_rank_states[rank]
-        else:
-            loader_state = meta["dataloader_state_dict"]  # other world size: the loader resumes approximately
+        _, loop, loader_state = load_resume_checkpoint(args, checkpoint_dir, orig_model, runtime)
+    model = torch.compile(orig_model, dynamic=False) if compile_enabled(runtime.device_type) else orig_model
+    optimizer = build_optimizer(args, orig_model, plan)
+    if resuming:
+        optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, args.resume_from_step, device,
+                                                          runtime.rank, runtime.world_size))
+    scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
+
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device, resume_state_dict=loader_state)
     x, y, next_loader_state = next(train_loader)  # prefetch
     consumed_loader_state = loader_state  # position after the last batch actually trained on
-
-    def build_val_loader():
-        return tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
-
-    # Loop state
-    step = args.resume_from_step if resuming else 0
-    first_step = step  # of this process: setup garbage is collected after it
-    loop_state = meta["loop_state"] if resuming else {}
-    min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
-    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
-    total_training_time = loop_state.get("total_training_time", 0.0)
-    val_bpb = meta.get("val_bpb") if resuming else None
-    results = {}
+    first_step = loop.step  # of this process: setup garbage is collected after it
     mfu = 0.0
-    core_evaluator = None
-    if args.core_metric_every > 0:
-        try:
-            from scripts.base_eval import evaluate_model as core_evaluator
-        except ImportError:
-            print0("NOTE: the CORE evaluator (scripts/base_eval.py) is not part of this build yet; --core-metric-every is ignored")
+    num_iterations = plan.num_iterations
 
     while True:
+        step = loop.step
         last_step = step == num_iterations
-        flops_so_far = flops_per_token * total_batch_size * step
+        flops_so_far = plan.flops_per_token * plan.total_batch_size * step
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-            model.eval()
-            val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
-            print0(f"Step {step:05d} | Validation bpb: {val_bpb:.6f}")
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time, "val/bpb": val_bpb})
-            model.train()
-
-        if core_evaluator is not None and (last_step or (step > 0 and step % args.core_metric_every == 0)):
-            orig_model.eval()
-            results = core_evaluator(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
-            print0(f"Step {step:05d} | CORE metric: {results['core_metric']:.4f}")
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": results["core_metric"],
-                           "centered_results": results["centered_results"]})
-            orig_model.train()
+            loop.val_bpb = evaluate_val_bpb(model, tokenizer, args, plan, token_bytes, device)
+            print0(f"Step {step:05d} | Validation bpb: {loop.val_bpb:.6f}")
+            loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far,
+                           "total_training_time": loop.total_training_time, "val/bpb": loop.val_bpb})
 
         if master_process and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-            orig_model.eval()
-            for prompt in SAMPLE_PROMPTS:
-                tokens = tokenizer(prompt, prepend="<|bos|>")
-                sample = list(orig_model.generate(tokens, max_tokens=16, temperature=0))
-                print0(tokenizer.decode(tokens + sample))
-            orig_model.train()
+            print_samples(orig_model, tokenizer)
 
         if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
-            loader_states = [consumed_loader_state]
-            if ddp:
-                loader_states = [None] * world_size
-                dist.all_gather_object(loader_states, consumed_loader_state)
-            save_checkpoint(
-                checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(),
-                {
-                    "step": step,
-                    "val_bpb": val_bpb,
-                    "model_config": dict(config.__dict__),
-                    "user_config": user_config,
-                    "device_batch_size": args.device_batch_size,
-                    "max_seq_len": args.max_seq_len,
-                    "total_batch_size": total_batch_size,
-                    "world_size": world_size,
-                    "dataloader_state_dict": loader_states[0],
-                    "dataloader_state_dicts": loader_states,
-                    "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
-                                   "total_training_time": total_training_time},
-                },
-                rank=rank,
-            )
+            save_training_checkpoint(checkpoint_dir, orig_model, optimizer, loop, consumed_loader_state,
+                                     args, user_config, plan, runtime)
 
         if last_step:
             break
@@ -425,21 +498,16 @@ def main(argv=None):
         # One optimizer step: grad_accum_steps micro-batches, then the update
         synchronize(device)
         t0 = time.time()
-        for _ in range(grad_accum_steps):
+        for _ in range(plan.grad_accum_steps):
             loss = model(x, y)
             train_loss = loss.detach()
-            loss = loss / grad_accum_steps
+            loss = loss / plan.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
             consumed_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the GPU works
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
-                group["weight_decay"] = weight_decay * (1 - step / num_iterations)
+        lrm = set_schedules(optimizer, step, plan, args)
         if scaler:
-            step_with_loss_scaling(scaler, optimizer, ddp)
+            step_with_loss_scaling(scaler, optimizer, runtime.ddp)
         else:
             optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -449,58 +517,62 @@ def main(argv=None):
 
         # Logging
         ema_beta = 0.9
-        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
-        debiased_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))
+        loop.smooth_train_loss = ema_beta * loop.smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased_loss = loop.smooth_train_loss / (1 - ema_beta ** (step + 1))
         pct_done = 100 * step / num_iterations
-        tok_per_sec = int(total_batch_size / dt)
-        mfu = 100 * flops_per_token * total_batch_size / dt / (peak_flops * world_size)
+        tok_per_sec = int(plan.total_batch_size / dt)
+        mfu = 100 * plan.flops_per_token * plan.total_batch_size / dt / (runtime.peak_flops * runtime.world_size)
         if step > 10:
-            total_training_time += dt  # the first steps include compilation
+            loop.total_training_time += dt  # the first steps include compilation
         steps_timed = max(step - 10, 1)
-        eta = f"{(total_training_time / steps_timed) * (num_iterations - step) / 60:.1f}m" if step > 10 else "n/a"
+        eta = f"{(loop.total_training_time / steps_timed) * (num_iterations - step) / 60:.1f}m" if step > 10 else "n/a"
         epoch = next_loader_state["epoch"]
         print0(f"step {step:05d}/{num_iterations:05d} ({pct_done:.2f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
-               f"total time: {total_training_time / 60:.2f}m | eta: {eta}")
+               f"total time: {loop.total_training_time / 60:.2f}m | eta: {eta}")
         if step % 100 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": total_training_time,
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": loop.total_training_time,
                            "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                            "train/mfu": mfu, "train/epoch": epoch})
 
         manage_garbage_collection(step, first_step)
-        step += 1
+        loop.step += 1
 
-    peak_memory_mib = torch.cuda.max_memory_allocated() / 1024**2 if device_type == "cuda" else 0.0
+    peak_memory_mib = torch.cuda.max_memory_allocated() / 1024**2 if runtime.device_type == "cuda" else 0.0
     print0(f"Peak memory usage: {peak_memory_mib:.2f}MiB")
-    print0(f"Total training time: {total_training_time / 60:.2f}m")
-    if min_val_bpb != float("inf"):  # some evaluation ran
-        print0(f"Minimum validation bpb: {min_val_bpb:.6f}")
+    print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
+    if loop.min_val_bpb != float("inf"):  # some evaluation ran
+        print0(f"Minimum validation bpb: {loop.min_val_bpb:.6f}")
+    write_report(user_config, orig_model, plan, loop, mfu, peak_memory_mib, runtime.world_size, args)
+    wandb_run.finish()
+    compute_cleanup()
 
+
+def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_size, args):
+    total_flops = plan.flops_per_token * plan.total_tokens
     get_report().log(section="Base model training", data=[
         user_config,
         {
-            "Number of parameters": num_params["total"],
-            "Number of FLOPs per token": f"{flops_per_token:e}",
-            "Calculated number of iterations": num_iterations,
-            "Number of training tokens": total_tokens,
-            "Tokens : Scaling params ratio": total_tokens / num_scaling_params,
+            "Number of parameters": model.num_scaling_params()["total"],
+            "Number of FLOPs per token": f"{plan.flops_per_token:e}",
+            "Calculated number of iterations": plan.num_iterations,
+            "Number of training tokens": plan.total_tokens,
+            "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
             "DDP world size": world_size,
             "warmup_ratio": args.warmup_ratio,
             "warmdown_ratio": args.warmdown_ratio,
             "final_lr_frac": args.final_lr_frac,
         },
         {
-            "Minimum validation bpb": min_val_bpb if min_val_bpb != float("inf") else None,
-            "Final validation bpb": val_bpb,
-            "CORE metric estimate": results.get("core_metric"),
+            "Minimum validation bpb": loop.min_val_bpb if loop.min_val_bpb != float("inf") else None,
+            "Final validation bpb": loop.val_bpb,
+            "CORE metric estimate": None,  # the CORE evaluation is not wired into pretraining yet
             "MFU %": f"{mfu:.2f}%",
-            "Total training flops": f"{flops_per_token * total_tokens:e}",
-            "Total training time": f"{total_training_time / 60:.2f}m",
+            "Total training flops": f"{total_flops:e}",
+            "Total training time": f"{loop.total_training_time / 60:.2f}m",
             "Peak memory usage": f"{peak_memory_mib:.2f}MiB",
         },
     ])
-    wandb_run.finish()
-    compute_cleanup()
 
 
 def step_with_loss_scaling(scaler, optimizer, ddp):

@@ -13,12 +13,11 @@ Writes: $NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl, tokenizer/token_bytes.pt (in
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-from nanochat.common import atomic_open, get_base_dir, normalize_flag_names, run_script
+from nanochat.common import atomic_open, get_base_dir, parse_flags, run_script
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_DIRNAME, RustBPETokenizer, compute_token_bytes
@@ -45,7 +44,7 @@ def parse_args(argv=None):
                         help="crop each document to this many characters (default: 10,000)")
     parser.add_argument("--vocab-size", type=int, default=32768,
                         help="vocabulary size including the 9 special tokens (default: 32768 = 2^15)")
-    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    return parse_flags(parser, argv)
 
 
 def capped_documents(max_chars, doc_cap, stats):

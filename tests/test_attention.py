@@ -147,7 +147,7 @@ def test_use_fa3_can_be_re_resolved_after_an_override(monkeypatch):
 
 
 def test_fa3_kernel_is_chosen_per_gpu_architecture():
-    # SPEC 17.14: Hopper loads the Hopper build; Ampere/Ada the community build when has_kernel
+    # as later upstream: Hopper loads the Hopper build; Ampere/Ada the community build when has_kernel
     # finds one for this torch/CUDA; Blackwell has none and stays on SDPA.
     assert fa._fa3_kernel_for_arch(9) == ("varunneal/flash-attention-3", False)
     assert fa._fa3_kernel_for_arch(8) == ("kernels-community/flash-attn3", True)

@@ -108,7 +108,7 @@ def test_tiny_run_lowers_loss_and_writes_a_loadable_checkpoint(base_dir):
     assert "Using user-provided number of iterations: 30" in result.stdout
     assert f"Minimum validation bpb: {min(val_bpb.values()):.6f}" in result.stdout
 
-    # the report section carries upstream's field names (SPEC 11.3)
+    # the report section carries upstream's field names
     report = (base_dir / "report" / "base-model-training.md").read_text()
     for field in ["Number of parameters", "Number of FLOPs per token", "Calculated number of iterations",
                   "Number of training tokens", "Tokens : Scaling params ratio", "DDP world size", "warmup_ratio",
@@ -261,7 +261,7 @@ def test_base_loss_reports_bpb_of_the_trained_model(base_dir, trained_for_loss):
     assert float(bpb["val"]) == pytest.approx(parse_val_bpb(trained_for_loss)[3], abs=1e-4)
     assert "The capital of France is" in result.stdout
 
-    # report: model and both bpb, the 7 greedy completions, the 8 unconditioned samples (SPEC 11.4)
+    # report: model and both bpb, the 7 greedy completions, the 8 unconditioned samples, as upstream's base_loss
     report = (base_dir / "report" / "base-model-loss.md").read_text()
     fields = [line[2:].split(":", 1)[0] for line in report.splitlines() if line.startswith("- ")]
     assert fields[:3] == ["model", "train bpb", "val bpb"]
@@ -290,7 +290,7 @@ def test_base_loss_bad_input_fails_with_a_message(base_dir, trained_for_loss, fl
 
 
 def test_auto_batch_size_follows_the_power_lines_rule():
-    """--total-batch-size=-1: 2^round(log2(2^19 * (D/D_ref)^0.383)) with D_ref at d12 (SPEC 17 item 5)."""
+    """--total-batch-size=-1: 2^round(log2(2^19 * (D/D_ref)^0.383)) with D_ref at d12 (Power Lines, as later upstream)."""
     expected = {8: 2**18, 10: 2**19, 12: 2**19, 16: 2**19, 18: 2**20, 20: 2**20, 26: 2**20, 32: 2**21}
     for depth, batch in expected.items():
         args = parse_args([f"--depth={depth}", "--total-batch-size=-1"])

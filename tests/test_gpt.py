@@ -18,7 +18,7 @@ from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, has_ve, norm
 
 
 def reference_config(depth, aspect_ratio=64, head_dim=128, sequence_len=2048):
-    """base_train's depth -> shape mapping (SPEC 1.2)."""
+    """base_train's depth -> shape mapping (upstream's rule)."""
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=32768, n_layer=depth, n_head=n_head, n_kv_head=n_head,
@@ -82,7 +82,7 @@ def test_d20_param_counts_match_formulas_and_spec_table():
     counts = meta_model(reference_config(20)).num_scaling_params()
     assert counts == expected
     assert counts["total"] == 896_535_720
-    # the SPEC 16.2 row, rounded: 41.94M / 419.43M / 393.22M / 896.5M / 435.2M
+    # upstream's published d20 parameter counts, rounded: 41.94M / 419.43M / 393.22M / 896.5M / 435.2M
     assert round(counts["wte"] / 1e6, 2) == 41.94
     assert round(counts["value_embeds"] / 1e6, 2) == 419.43
     assert round(counts["transformer_matrices"] / 1e6, 2) == 393.22

@@ -1,9 +1,9 @@
 """
-GPT.forward against a from-scratch reference written straight from the spec (SPEC 1.4-1.6), in
+GPT.forward against a from-scratch reference written straight from upstream's published formulas, in
 the llm.c spirit: plain tensor math on a bare state dict, explicit-mask attention, no code shared
 with nanochat/gpt.py. Every weight is random (no zero-initialized projection or gate hides a
 path), the config has GQA, an odd depth, a padded vocab and sliding windows, so the test pins
-down the whole forward pass an upstream checkpoint expects (DESIGN 2: same logits).
+down the whole forward pass: an upstream checkpoint must give the same logits here.
 """
 
 import pytest

@@ -1,7 +1,7 @@
 """
 rustbpe (our Rust BPE trainer, built from rustbpe/ by dev/build_rustbpe.sh) against references:
 - a plain Python BPE trainer below: same regex split (the `regex` module), recount every pair at
-  every step, most frequent pair wins, ties go to the smaller pair (SPEC 4.2);
+  every step, most frequent pair wins, ties go to the smaller pair (as upstream's rustbpe);
 - the PyPI wheel rustbpe 0.1.0 (in .oracle/rustbpe-0.1.0, run in a subprocess because the module
   name is the same as ours);
 - tiktoken, given our mergeable ranks and pattern.
