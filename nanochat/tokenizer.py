@@ -221,8 +221,8 @@ class RustBPETokenizer(ConversationRendering):
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
-        """A reference tiktoken encoding ("gpt2", "cl100k_base"); works offline once fetched (see tiktoken_refs)."""
-        from dev.offline_data.tiktoken_refs import get_reference_encoding
+        """A reference tiktoken encoding ("gpt2", "cl100k_base"), from $NANOCHAT_BASE_DIR/tiktoken_refs/ or tiktoken."""
+        from nanochat.reference_encodings import get_reference_encoding
 
         # tiktoken names its document delimiter <|endoftext|>; it plays the role of our <|bos|>.
         return cls(get_reference_encoding(tiktoken_name), "<|endoftext|>")

@@ -7,15 +7,16 @@ same text.
     python -m scripts.tok_eval
 
 Single process, CPU, no flags. Reads $NANOCHAT_BASE_DIR/tokenizer/ (from tok_train) and the
-shards. The GPT-2/GPT-4 ranks come from tiktoken; on a machine without internet fetch them once
-with `python -m nanochat.tiktoken_refs` (a missing baseline is reported in one line and skipped).
+shards. The GPT-2/GPT-4 ranks come from $NANOCHAT_BASE_DIR/tiktoken_refs/, else from tiktoken; on a
+machine without internet fetch them once with `python -m dev.offline_data tiktoken` (a missing
+baseline is reported in one line and skipped).
 Writes the "Tokenizer evaluation" report section (one markdown table per baseline).
 """
 
 from nanochat.common import run_script
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
-from dev.offline_data.tiktoken_refs import ReferenceEncodingUnavailable
+from nanochat.reference_encodings import ReferenceEncodingUnavailable
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 NEWS_TEXT = """Officials in the coastal town of Marrowby confirmed on Tuesday that the harbor bridge, closed since a barge struck one of its supports in March, will reopen to traffic next month. Engineers replaced two damaged pylons and reinforced the deck with steel plating, a repair the county estimates cost $4.2 million, roughly 30% below the figure first announced.

@@ -122,7 +122,7 @@ def split_at_bos(row, bos):
 
 
 def reference_bestfit_rows(tokenizer, paths, rank, world_size, num_batches, tokenizer_batch_size, buffer_size):
-    """SPEC 3.3 spelled out plainly: a list buffer, linear scans, the stream read with its own loops."""
+    """Upstream's best-fit packing spelled out plainly: a list buffer, linear scans, the stream read with its own loops."""
     bos = tokenizer.get_bos_token_id()
 
     def doc_chunks():
@@ -250,7 +250,7 @@ def test_state_is_small_json_even_with_a_large_buffer(tokenizer, data_dir):
     loader = make_loader(tokenizer, data_dir, buffer_size=1000, tokenizer_batch_size=16)
     (_, state), = take(loader, 1)
     assert len(_decode_positions(state["doc_buffer"])) >= 990  # the buffer spans several epochs here
-    assert set(state) >= {"pq_idx", "rg_idx", "epoch"}  # REF's keys stay
+    assert set(state) >= {"pq_idx", "rg_idx", "epoch"}  # upstream's keys stay
     assert len(json.dumps(state)) < 20_000
     resumed = take(make_loader(tokenizer, data_dir, resume_state_dict=json.loads(json.dumps(state)),
                                buffer_size=1000, tokenizer_batch_size=16), 3)
@@ -282,7 +282,7 @@ def rank_stream_docs(tokenizer, paths, rank, world_size):
 def test_other_world_size_or_upstream_state_resumes_approximately(tokenizer, data_dir, monkeypatch, caplog):
     paths = get_split_paths("train", data_dir=data_dir)
     saved = take(make_loader(tokenizer, data_dir), 8)[-1][1]
-    # REF's rule (SPEC 3.2) for rank 1 of 2: same file and epoch, row group (rg_idx // 2 + 1) * 2 + 1,
+    # upstream's rule for rank 1 of 2: same file and epoch, row group (rg_idx // 2 + 1) * 2 + 1,
     # or the next file when that is past the end
     first_rg = (saved["rg_idx"] // 2 + 1) * 2 + 1
     num_row_groups = pq.ParquetFile(paths[saved["pq_idx"]]).num_row_groups
@@ -304,7 +304,7 @@ def test_other_world_size_or_upstream_state_resumes_approximately(tokenizer, dat
     # the new state is exact again for the new world size
     assert take(make_loader(tokenizer, data_dir, resume_state_dict=state), 5) == take(loader, 5)
 
-    # an upstream checkpoint's state has only REF's three keys: same rule, same first row
+    # an upstream checkpoint's state has only upstream's three keys: same rule, same first row
     upstream = {key: saved[key] for key in ("pq_idx", "rg_idx", "epoch")}
     (upstream_rows, _), = take(make_loader(tokenizer, data_dir, resume_state_dict=upstream), 1)
     assert upstream_rows == rows
@@ -323,6 +323,24 @@ def test_state_past_the_last_file_resumes_at_the_start_of_the_next_epoch(tokeniz
             resumed = take(make_loader(tokenizer, data_dir, resume_state_dict=state), 3)
             assert [rows for rows, _ in resumed] == fresh, (rank, world_size, state)
             assert resumed[0][1]["epoch"] == 2
+
+
+def test_state_without_epoch_resumes_as_epoch_one(tokenizer, data_dir, monkeypatch):
+    # older upstream states are {"pq_idx", "rg_idx"} only; upstream reads a missing epoch as 1,
+    # the number the first pass has
+    saved = take(make_loader(tokenizer, data_dir), 8)[-1][1]
+    assert saved["epoch"] == 1
+    for rank, world_size in ((0, 1), (1, 2)):
+        set_rank(monkeypatch, rank, world_size)
+        old_state = {"pq_idx": saved["pq_idx"], "rg_idx": saved["rg_idx"]}
+        without_epoch = take(make_loader(tokenizer, data_dir, resume_state_dict=old_state), 5)
+        as_epoch_one = take(make_loader(tokenizer, data_dir, resume_state_dict=dict(old_state, epoch=1)), 5)
+        as_epoch_three = take(make_loader(tokenizer, data_dir, resume_state_dict=dict(old_state, epoch=3)), 5)
+        assert without_epoch == as_epoch_one, (rank, world_size)  # rows and states, epoch numbers included
+        # the epoch is really taken from the state: the same rows, numbered two epochs later
+        assert [rows for rows, _ in as_epoch_three] == [rows for rows, _ in without_epoch]
+        assert [s["epoch"] for _, s in as_epoch_three] == [s["epoch"] + 2 for _, s in without_epoch]
+
 
 def test_batches_are_views_of_one_reused_buffer(tokenizer, data_dir):
     loader = make_loader(tokenizer, data_dir)
@@ -355,7 +373,7 @@ def test_bad_arguments_fail_at_once_with_clear_errors(tokenizer, data_dir):
         tokenizing_distributed_data_loader_bos_bestfit(tokenizer, B, T, "test", data_dir=data_dir, device="cpu")
     with pytest.raises(ValueError, match=">= 1"):
         tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 0, T, "train", data_dir=data_dir, device="cpu")
-    if not torch.cuda.is_available():  # device defaults to "cuda", as in REF
+    if not torch.cuda.is_available():  # device defaults to "cuda", as upstream
         with pytest.raises(RuntimeError, match="device='cpu'"):
             tokenizing_distributed_data_loader_bos_bestfit(tokenizer, B, T, "train", data_dir=data_dir)
 

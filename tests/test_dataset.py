@@ -64,7 +64,7 @@ def test_missing_splits_raise_errors_that_say_what_to_run(tmp_path):
         get_split_paths("val", str(tmp_path))
     os.remove(os.path.join(tmp_path, shard_filename(3)))
     write_shard(os.path.join(tmp_path, shard_filename(VAL_SHARD_INDEX)), make_docs(9, 3))
-    with pytest.raises(FileNotFoundError, match="--offline"):
+    with pytest.raises(FileNotFoundError, match="python -m dev.offline_data corpus"):
         get_split_paths("train", str(tmp_path))
     with pytest.raises(ValueError, match="'train' or 'val'"):
         get_split_paths("test", str(tmp_path))
@@ -86,11 +86,28 @@ def test_parquets_iter_batched_yields_exactly_the_strided_row_groups(tmp_path, m
         assert list(parquets_iter_batched(split, start=start, step=step)) == expected
 
 
+def test_iter_row_groups_can_begin_mid_way_and_later_files_begin_at_start(tmp_path):
+    sizes = [10, 13, 4]  # row groups of 4: 3, 4 and 1 of them
+    paths = []
+    for index, n in enumerate(sizes):
+        paths.append(os.path.join(tmp_path, shard_filename(index)))
+        write_shard(paths[-1], make_docs(f"s{index}", n), row_group_size=4)
+
+    def positions(**kwargs):
+        return [(pq_idx, rg_idx) for pq_idx, rg_idx, _ in dataset.iter_row_groups(paths, **kwargs)]
+
+    assert positions(start=1, step=2) == [(0, 1), (1, 1), (1, 3)]
+    assert positions(start=1, step=2, first_file=1, first_row_group=2) == [(1, 2)]  # file 2 has no row group 1
+    assert positions(start=0, step=2, first_file=0, first_row_group=7) == [(1, 0), (1, 2), (2, 0)]  # past the end: next file
+    texts = [texts for _, _, texts in dataset.iter_row_groups(paths, first_file=2)]
+    assert texts == [make_docs("s2", 4)]
+
+
 # -----------------------------------------------------------------------------
 # Shard format and writer
 
 
-def test_write_shard_has_the_exact_spec_format(tmp_path):
+def test_write_shard_has_the_exact_upstream_format(tmp_path):
     texts = [f"document {i}: " + "word " * i for i in range(2500)]
     path = os.path.join(tmp_path, "shard_00000.parquet")
     write_shard(path, texts, row_group_size=1024)
@@ -107,7 +124,7 @@ def test_write_shard_has_the_exact_spec_format(tmp_path):
         assert not column.has_dictionary_page
         assert not any("DICTIONARY" in encoding for encoding in column.encodings)
     assert pq.read_table(path).column("text").to_pylist() == texts
-    # byte-identical to the SPEC's pyarrow call, which pins the zstd level too
+    # byte-identical to the pyarrow call of upstream's repackaging script, with the zstd level pinned too
     reference = os.path.join(tmp_path, "reference.parquet")
     pq.write_table(pa.table({"text": texts}), reference, row_group_size=1024, use_dictionary=False,
                    compression="zstd", compression_level=3, write_statistics=False)
@@ -336,7 +353,7 @@ def test_cli_says_in_one_line_when_the_host_is_unreachable(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("Shards: 3 wanted")
     assert "Cannot reach 127.0.0.1" in lines[1] and "connection refused" in lines[1]
-    assert "python -m nanochat.dataset --offline" in lines[1]
+    assert "python -m dev.offline_data corpus" in lines[1]
     assert os.listdir(tmp_path) == []
 
 
@@ -344,6 +361,14 @@ def test_cli_refuses_to_mix_downloads_into_the_offline_corpus(tmp_path, capsys):
     (tmp_path / dataset.OFFLINE_MANIFEST_NAME).write_text("{}")
     assert dataset.main(["-n", "1", "--data-dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/x"]) == 1
     assert "offline corpus" in capsys.readouterr().out
+
+
+def test_cli_only_downloads_and_names_the_offline_builder(capsys):
+    with pytest.raises(SystemExit):
+        dataset.parse_args(["--offline"])  # the offline builder is `python -m dev.offline_data corpus` now
+    with pytest.raises(SystemExit):
+        dataset.parse_args(["--help"])
+    assert "python -m dev.offline_data corpus" in " ".join(capsys.readouterr().out.split())
 
 
 def test_val_shard_download_and_split_end_to_end(tmp_path, shard_files):

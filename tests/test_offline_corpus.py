@@ -1,23 +1,29 @@
 """
-The offline corpus builder: cutting text into documents, reading cached source archives, and
-writing / rebuilding / refusing shard sets. Uses small texts made here; never calls pip or apt
-(a source archive already in the cache is used as is).
+The offline corpus builder (`python -m dev.offline_data corpus`): cutting text into documents,
+reading cached source archives, writing / rebuilding / refusing shard sets, and the command line.
+Uses small texts made here; never calls pip or apt (a source archive already in the cache is
+used as is).
 """
 
 import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
 
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.dataset import OFFLINE_MANIFEST_NAME, VAL_SHARD_INDEX, get_split_paths, shard_filename, write_shard
-from dev.offline_data.corpus import (
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # dev/ is not installed with the package; a bare `pytest` would not find it
+
+from dev.offline_data.corpus import (  # noqa: E402
     bible_documents, build_offline_corpus, collect_documents, literature_sections,
     normalize_text, pack_sections, rest_sections, shakespeare_docs, split_text,
 )
+from nanochat.dataset import OFFLINE_MANIFEST_NAME, VAL_SHARD_INDEX, get_split_paths, shard_filename, write_shard  # noqa: E402
 
 PLAY = """HAMLET, PRINCE OF DENMARK
 
@@ -191,10 +197,15 @@ def test_build_refuses_to_mix_with_shards_it_did_not_write(tmp_path):
         build_offline_corpus(data_dir=str(tmp_path), documents=corpus_docs(), chars_per_shard=500, val_docs=8, row_group_size=4)
 
 
+def test_build_says_when_there_are_too_few_documents_for_the_val_shard(tmp_path):
+    with pytest.raises(RuntimeError, match="lower --val-docs"):
+        build_offline_corpus(data_dir=str(tmp_path), documents=corpus_docs(20), chars_per_shard=500, val_docs=20, row_group_size=4)
+    assert os.listdir(tmp_path) == []  # refused before writing anything
+
 
 def test_fetch_sdist_finds_archives_under_the_normalized_name_and_caches_them(tmp_path, monkeypatch):
     """Newer sdists are named with the PEP 625 normalized name (foo_bar-1.0.tar.gz for foo-bar)."""
-    from dev.offline_data import corpus as offline_corpus
+    from dev.offline_data import fetch
 
     calls = []
 
@@ -204,11 +215,33 @@ def test_fetch_sdist_finds_archives_under_the_normalized_name_and_caches_them(tm
         with tarfile.open(os.path.join(staging, "foo_bar-1.0.tar.gz"), "w:gz"):
             pass
 
-    monkeypatch.setattr(offline_corpus, "_pip_command", lambda: ["pip"])
-    monkeypatch.setattr(offline_corpus, "_run", fake_pip_download)
-    first = offline_corpus.fetch_sdist("Foo-Bar==1.0", str(tmp_path), extra_pip_args=("--timeout", "15"))
+    monkeypatch.setattr(fetch, "_pip_command", lambda: ["pip"])
+    monkeypatch.setattr(fetch, "_run", fake_pip_download)
+    first = fetch.fetch_sdist("Foo-Bar==1.0", str(tmp_path), extra_pip_args=("--timeout", "15"))
     assert first == str(tmp_path / "foo_bar-1.0.tar.gz") and os.path.exists(first)
     assert "--timeout" in calls[0]
-    assert offline_corpus.fetch_sdist("Foo-Bar==1.0", str(tmp_path)) == first
+    assert fetch.fetch_sdist("Foo-Bar==1.0", str(tmp_path)) == first
     assert len(calls) == 1  # the second call is served from the cache
     assert sorted(os.listdir(tmp_path)) == ["foo_bar-1.0.tar.gz"]  # no staging folder left
+
+
+def test_cli_has_one_entry_point_with_a_subcommand_per_input(capsys):
+    from dev.offline_data.__main__ import SUBCOMMANDS, build_parser
+
+    assert set(SUBCOMMANDS) >= {"corpus", "tiktoken"}
+    args = build_parser().parse_args(["corpus", "--max-shards", "2", "--chars-per-shard", "500", "--val-docs", "8",
+                                      "--sources", "shakespeare,bible", "--data-dir", "/tmp/x"])
+    assert (args.max_shards, args.chars_per_shard, args.val_docs, args.sources, args.data_dir) == (2, 500, 8, "shakespeare,bible", "/tmp/x")
+    assert build_parser().parse_args(["tiktoken"]).refs_dir is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])  # a subcommand is required
+
+
+def test_cli_reports_a_bad_source_in_one_line(tmp_path):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "dev.offline_data", "corpus", "--sources", "nope",
+                             "--data-dir", str(tmp_path / "base_data")],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stdout.strip().splitlines() == [
+        "dev.offline_data: unknown offline source(s) ['nope']; choose from ['shakespeare', 'bible', 'linux-doc', 'python-doc'] or 'all'"]

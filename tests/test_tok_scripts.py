@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
+from nanochat.reference_encodings import REFERENCE_ENCODINGS, REFS_DIRNAME
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_REFS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", "tiktoken_refs")
+# where `python -m dev.offline_data tiktoken` puts them by default (the tests' own base dir is a temp dir)
+USER_REFS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", REFS_DIRNAME)
 VOCAB_SIZE, MAX_CHARS, DOC_CAP = 512, 300_000, 400
 
 
@@ -99,9 +101,11 @@ def test_tok_train_help_states_the_defaults(capsys):
 
 def test_tok_eval_without_baselines_reports_ours(trained):
     base_dir, _ = trained
-    shutil.rmtree(base_dir / "tiktoken_refs", ignore_errors=True)
+    shutil.rmtree(base_dir / REFS_DIRNAME, ignore_errors=True)
     stdout = run_script("scripts.tok_eval", base_dir)
     assert "GPT-2 baseline unavailable" in stdout and "GPT-4 baseline unavailable" in stdout
+    unavailable = [line for line in stdout.splitlines() if "baseline unavailable" in line]
+    assert len(unavailable) == 2 and all("python -m dev.offline_data tiktoken" in line for line in unavailable)
     section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
     rows = re.findall(r"^\| ([\w-]+) \| (\d+) \| (\d+) \| ([\d.]+) \|$", section, re.MULTILINE)
     assert [r[0] for r in rows] == ["news", "korean", "code", "math", "science", "fwe-train", "fwe-val"]
@@ -110,11 +114,11 @@ def test_tok_eval_without_baselines_reports_ours(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(USER_REFS_DIR),
-                    reason="reference rank files not fetched (run `python -m nanochat.tiktoken_refs`)")
+@pytest.mark.skipif(not all(os.path.exists(os.path.join(USER_REFS_DIR, spec.filename)) for spec in REFERENCE_ENCODINGS.values()),
+                    reason="reference rank files not fetched (run `python -m dev.offline_data tiktoken`)")
 def test_tok_eval_compares_with_gpt2_and_gpt4(trained):
     base_dir, _ = trained
-    shutil.copytree(USER_REFS_DIR, base_dir / "tiktoken_refs", dirs_exist_ok=True)
+    shutil.copytree(USER_REFS_DIR, base_dir / REFS_DIRNAME, dirs_exist_ok=True)
     stdout = run_script("scripts.tok_eval", base_dir)
     assert "Comparison with GPT-2:" in stdout and "Comparison with GPT-4:" in stdout
     assert "GPT-2: 50,257" in stdout and "GPT-4: 100,277" in stdout

