@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
-from nanochat.common import MissingInputError, atomic_open, get_base_dir, normalize_flag_names
+from nanochat.common import MissingInputError, atomic_open, get_base_dir, parse_flags
 
 # -----------------------------------------------------------------------------
 # Where the shards live and how they split
@@ -374,7 +374,7 @@ def parse_args(argv=None):
     parser.add_argument("--base-url", type=str, default=os.environ.get("NANOCHAT_DATA_URL") or BASE_URL, help="where shard_XXXXX.parquet files are served (env NANOCHAT_DATA_URL)")
     parser.add_argument("--retry-backoff", type=float, default=float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", 2.0)), help="seconds base b: retry k waits b**k (env NANOCHAT_DOWNLOAD_BACKOFF)")
     parser.add_argument("--data-dir", type=str, default=None, help="shard directory (None = $NANOCHAT_BASE_DIR/base_data)")
-    return parser.parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    return parse_flags(parser, argv)
 
 
 def main(argv=None):

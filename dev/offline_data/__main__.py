@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from dev.offline_data import corpus, tiktoken_refs
-from nanochat.common import normalize_flag_names, run_script
+from nanochat.common import parse_flags, run_script
 
 SUBCOMMANDS = {
     "corpus": corpus,
@@ -35,7 +35,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(normalize_flag_names(sys.argv[1:] if argv is None else argv))
+    args = parse_flags(build_parser(), argv)
     exit_code = args.run(args)
     if exit_code:
         sys.exit(exit_code)
