@@ -280,8 +280,24 @@ class RustBPETokenizer(ConversationRendering):
 # Hugging Face tokenizers wrapper (for evaluating HF models; same surface)
 
 
+def _byte_level_alphabet():
+    """
+    The printable character that byte-level BPE (GPT-2, HF ByteLevel) writes for each byte:
+    printable Latin-1 bytes stand for themselves, the other 68 map to U+0100 onwards, in order.
+    Returns {character: byte}.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    alphabet = {chr(b): b for b in printable}
+    alphabet.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return alphabet
+
+
+_BYTE_LEVEL_BYTES = _byte_level_alphabet()
+
+
 class HuggingFaceTokenizer(ConversationRendering):
-    """HF `tokenizers` byte-level BPE behind the RustBPETokenizer interface."""
+    """HF `tokenizers` byte-level BPE behind the RustBPETokenizer interface (evaluating HF models, comparisons)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -308,7 +324,7 @@ class HuggingFaceTokenizer(ConversationRendering):
         """Byte-level BPE with our split regex; the 9 special tokens are added first (ids 0..8)."""
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
+        tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token=None, fuse_unk=False))  # as upstream
         tokenizer.normalizer = None
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
@@ -336,6 +352,22 @@ class HuggingFaceTokenizer(ConversationRendering):
 
     def id_to_token(self, token_id):
         return self.decode([token_id])
+
+    def decode_single_token_bytes(self, token_id):
+        """
+        The raw bytes of one token (may be an incomplete UTF-8 sequence), so token_bytes and
+        bits-per-byte work on this tokenizer too. Special tokens give their text.
+        """
+        token = self.tokenizer.id_to_token(token_id)
+        if token is None:
+            raise KeyError(f"token id {token_id} is outside this tokenizer's vocab of {self.get_vocab_size()}")
+        if token_id in self.tokenizer.get_added_tokens_decoder():
+            return token.encode("utf-8")
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # a byte_fallback token
+            return bytes([int(token[3:5], 16)])
+        if not all(ch in _BYTE_LEVEL_BYTES for ch in token):
+            raise ValueError(f"token {token!r} is not byte-level BPE: raw token bytes are only defined for byte-level tokenizers")
+        return bytes(_BYTE_LEVEL_BYTES[ch] for ch in token)
 
     def encode_special(self, text):
         token_id = self.tokenizer.token_to_id(text)

@@ -375,6 +375,17 @@ def test_hf_tokenizer_batch_prepend_append_and_save(hf_tokenizer, tmp_path, corp
                                       " so the answer is 5555.<|assistant_end|>")
 
 
+def test_hf_token_bytes_are_the_raw_bytes_of_each_token(hf_tokenizer):
+    text = "Caf\u00e9 \u2603 na\u00efve \U0001F600 tabs\tand\nnewlines"
+    ids = hf_tokenizer.encode(text)
+    assert b"".join(hf_tokenizer.decode_single_token_bytes(i) for i in ids) == text.encode("utf-8")
+    token_bytes = compute_token_bytes(hf_tokenizer)
+    assert token_bytes.shape == (hf_tokenizer.get_vocab_size(),)
+    special_ids = [hf_tokenizer.encode_special(name) for name in SPECIAL_TOKENS]
+    assert token_bytes[special_ids].tolist() == [0] * len(SPECIAL_TOKENS)
+    assert sum(token_bytes[i].item() for i in ids) == len(text.encode("utf-8"))
+
+
 def test_hf_bos_falls_back_to_endoftext():
     from tokenizers import Tokenizer, models
 
