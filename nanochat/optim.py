@@ -15,8 +15,11 @@ shards the work ZeRO-2 style, in three phases so communication overlaps compute:
      (state replicated); larger AdamW params reduce_scatter along dim 0 (rank r owns rows
      [r*n/W, (r+1)*n/W); state for that slice only); each muon group stacks its K grads into a
      zero-padded (chunk*W, rows, cols) buffer, chunk = ceil(K/W), and reduce_scatters it, so
-     rank r owns matrices [r*chunk, r*chunk + chunk) of the (padded) stack;
-  2. per group: wait, update the owned slice/chunk, launch the all_gather of the result;
+     rank r gets matrices [r*chunk, r*chunk + chunk) of the padded stack, of which it owns the
+     n_owned = clamp(K - r*chunk, 0, chunk) real ones;
+  2. per group: wait, update what this rank owns (its AdamW slice; its n_owned muon matrices,
+     never the padding, as upstream nanochat does), launch the all_gather of the result (muon:
+     the zero-padded chunk);
   3. wait for the gathers; muon copies the first K gathered matrices back into the params.
 With W == 1 the same code runs with every collective skipped and the rank owning everything.
 
@@ -31,7 +34,8 @@ that makes it self-describing. Per-param state:
     adamw: "step" (int), "exp_avg", "exp_avg_sq" (fp32; the rank's row slice when sharded)
     muon:  on the group's FIRST param only: "momentum_buffer" (chunk, rows, cols) in the param
            dtype and "second_momentum_buffer" (chunk, rows, 1) if rows >= cols else
-           (chunk, 1, cols) in fp32; chunk = ceil(K/W) (= K on one rank; padding rows are 0).
+           (chunk, 1, cols) in fp32; chunk = ceil(K/W) (= K on one rank; padding rows stay 0).
+    One function, _state_shapes, decides these shapes for creation, loading and re-sharding.
 The FULL state is what one rank would hold (world_size 1): consolidate_state_dicts(shards)
 builds it from the W shards of a run, shard_state_dict(full, rank, world_size) slices it, and
 load_state_dict() accepts either this rank's own shard or a full state (it takes its slice).
@@ -40,6 +44,7 @@ calling load_state_dict(full) on every rank.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -169,6 +174,29 @@ def _muon_chunk(num_matrices, world_size):
     return -(-num_matrices // world_size)  # ceil
 
 
+def _state_shapes(kind, param_shape, num_params, world_size):
+    """
+    {state name: shape} of the state tensors one rank of world_size keeps (world_size 1: the full
+    state). AdamW, per param: the param's shape, or its 1/W row slice when sharded. Muon, per group
+    of K = num_params matrices: a chunk of ceil(K/W) of them (padding included), with a factored
+    second moment of one value per row if rows >= cols, else one per column.
+    """
+    if kind == "adamw":
+        shape = tuple(param_shape)
+        if _adamw_is_sharded(shape, world_size):
+            shape = (shape[0] // world_size, *shape[1:])
+        return {"exp_avg": shape, "exp_avg_sq": shape}
+    rows, cols = param_shape
+    chunk = _muon_chunk(num_params, world_size)
+    return {"momentum_buffer": (chunk, rows, cols),
+            "second_momentum_buffer": (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)}
+
+
+def _state_holders(group):
+    """The params (or param indices) of a group that keep state: each AdamW param, a muon group's first."""
+    return group["params"] if group["kind"] == "adamw" else group["params"][:1]
+
+
 def _check_shardable(shape, world_size):
     if _adamw_is_sharded(shape, world_size) and shape[0] % world_size != 0:
         raise ValueError(
@@ -178,8 +206,18 @@ def _check_shardable(shape, world_size):
         )
 
 
+def _stack_padded(tensors, size, like):
+    """Stack same-shaped tensors (shaped like `like`) into (size, ...), zero past len(tensors)."""
+    if len(tensors) == size:
+        return torch.stack(tensors)
+    stacked = like.new_zeros((size, *like.shape))
+    if tensors:
+        torch._foreach_copy_(list(stacked.unbind(0)[:len(tensors)]), tensors)
+    return stacked
+
+
 class _Pending:
-    """An async collective plus what to do once it has finished (e.g. divide a SUM by W)."""
+    """An async collective (none on 1 rank) plus what to do once it has finished (e.g. divide a SUM by W)."""
 
     def __init__(self, work=None, then=None):
         self.work, self.then = work, then
@@ -189,6 +227,21 @@ class _Pending:
             self.work.wait()
         if self.then is not None:
             self.then()
+
+
+class _LaunchedAdamW(NamedTuple):
+    """One AdamW param between phase 1 (reduction launched) and phase 2 (update)."""
+    param: torch.Tensor
+    owned: torch.Tensor  # what this rank updates: the param itself, or its row slice when sharded
+    grad: torch.Tensor  # the averaged grad of `owned`, once `reduction` has finished
+    reduction: _Pending
+
+
+class _LaunchedMuon(NamedTuple):
+    """One muon group between phase 1 and phase 2."""
+    grad_chunk: torch.Tensor  # (chunk, rows, cols): the averaged grads of this rank's chunk
+    stacked: torch.Tensor | None  # padded (chunk*W, rows, cols) reduce buffer, reused by the gather; None on 1 rank
+    reduction: _Pending
 
 
 # torch 2.13 renamed the single-tensor collectives; keep working on older versions too
@@ -238,6 +291,19 @@ class MuonAdamW(torch.optim.Optimizer):
         group["params"] = params
         super().add_param_group(group)
 
+    # ------------------------------------------------------------------ state layout
+
+    def _state_specs(self, group, p):
+        """{state name: (shape on this rank, dtype)} of p, a state holder of group: what is created and loaded."""
+        shapes = _state_shapes(group["kind"], p.shape, len(group["params"]), self.world_size)
+        # Muon's momentum is kept in the param dtype, every other moment in fp32
+        return {name: (shape, p.dtype if name == "momentum_buffer" else torch.float32)
+                for name, shape in shapes.items()}
+
+    def _zero_state(self, group, p):
+        return {name: torch.zeros(shape, dtype=dtype, device=p.device)
+                for name, (shape, dtype) in self._state_specs(group, p).items()}
+
     # ------------------------------------------------------------------ collectives
 
     def _average_all_reduce(self, tensor):
@@ -281,14 +347,14 @@ class MuonAdamW(torch.optim.Optimizer):
             if p.grad is None:  # like torch optimizers; all ranks must agree on which params have grads
                 continue
             if self.world_size == 1:
-                launched.append((p, p, p.grad, None))
+                launched.append(_LaunchedAdamW(p, p, p.grad, _Pending()))
             elif not _adamw_is_sharded(p.shape, self.world_size):
-                launched.append((p, p, p.grad, self._average_all_reduce(p.grad)))
+                launched.append(_LaunchedAdamW(p, p, p.grad, self._average_all_reduce(p.grad)))
             else:
                 rows = p.shape[0] // self.world_size
                 owned = p[self.rank * rows:(self.rank + 1) * rows]
                 grad_slice = torch.empty_like(p.grad[:rows])
-                launched.append((p, owned, grad_slice, self._average_reduce_scatter(grad_slice, p.grad)))
+                launched.append(_LaunchedAdamW(p, owned, grad_slice, self._average_reduce_scatter(grad_slice, p.grad)))
         return launched
 
     def _update_adamw(self, group, launched):
@@ -300,14 +366,12 @@ class MuonAdamW(torch.optim.Optimizer):
         h["eps"].fill_(group["eps"])
         h["wd"].fill_(group["weight_decay"])
         finishers = []
-        for p, owned, grad, pending in launched:
-            if pending is not None:
-                pending.wait()
+        for p, owned, grad, reduction in launched:
+            reduction.wait()
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(owned, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(owned, dtype=torch.float32)
+                state.update(self._zero_state(group, p))
             state["step"] += 1
             h["step"].fill_(state["step"])
             _kernel(adamw_update_, p.device)(owned, grad, state["exp_avg"], state["exp_avg_sq"],
@@ -322,47 +386,44 @@ class MuonAdamW(torch.optim.Optimizer):
             return None
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.world_size == 1:
-            return torch.stack(grads), None, None
+            return _LaunchedMuon(torch.stack(grads), None, _Pending())
         chunk = _muon_chunk(len(params), self.world_size)
-        # Zero padding up to chunk*W rows keeps reduce_scatter's equal-split contract
-        stacked = grads[0].new_zeros((chunk * self.world_size, *params[0].shape))
-        torch._foreach_copy_(list(stacked.unbind(0)[:len(params)]), grads)
+        # Zero padding up to chunk*W matrices keeps reduce_scatter's equal-split contract
+        stacked = _stack_padded(grads, chunk * self.world_size, grads[0])
         grad_chunk = torch.empty_like(stacked[:chunk])
-        return grad_chunk, stacked, self._average_reduce_scatter(grad_chunk, stacked)
+        return _LaunchedMuon(grad_chunk, stacked, self._average_reduce_scatter(grad_chunk, stacked))
 
     def _update_muon(self, group, launched):
         if launched is None:
             return []
-        grad_chunk, stacked, pending = launched
+        grad_chunk, stacked, reduction = launched
+        reduction.wait()
         params = group["params"]
         rows, cols = params[0].shape
-        if pending is None:
-            param_chunk = torch.stack(params)
-        else:
-            pending.wait()
-            chunk = grad_chunk.size(0)
-            owned = params[self.rank * chunk:(self.rank + 1) * chunk]
-            param_chunk = params[0].new_zeros((chunk, rows, cols))
-            if owned:
-                torch._foreach_copy_(list(param_chunk.unbind(0)[:len(owned)]), owned)
+        chunk = grad_chunk.size(0)
+        # This rank's real matrices: n_owned = clamp(K - rank*chunk, 0, chunk); the rest of the chunk
+        # is padding, which (as upstream nanochat does) is never computed: its state stays zero.
+        owned = params[self.rank * chunk:(self.rank + 1) * chunk]
+        n_owned = len(owned)
         state = self.state[params[0]]
         if not state:
-            state["momentum_buffer"] = torch.zeros_like(param_chunk)
-            factored_shape = (param_chunk.size(0), rows, 1) if rows >= cols else (param_chunk.size(0), 1, cols)
-            state["second_momentum_buffer"] = param_chunk.new_zeros(factored_shape, dtype=torch.float32)
-        h = self._hparams
-        h["momentum"].fill_(group["momentum"])
-        # Shape-based LR: a tall (out > in) matrix such as mlp.c_fc (4C x C) takes a sqrt(rows/cols)x step
-        h["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))
-        h["wd"].fill_(group["weight_decay"])
-        h["beta2"].fill_(group["beta2"])
-        _kernel(muon_update_, param_chunk.device)(
-            grad_chunk, param_chunk, state["momentum_buffer"], state["second_momentum_buffer"],
-            h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], _polar_express_dtype())
-        if pending is None:
+            state.update(self._zero_state(group, params[0]))
+        param_chunk = _stack_padded(owned, chunk, params[0])
+        if n_owned:
+            h = self._hparams
+            h["momentum"].fill_(group["momentum"])
+            # Shape-based LR: a tall (out > in) matrix such as mlp.c_fc (4C x C) takes a sqrt(rows/cols)x step
+            h["lr"].fill_(group["lr"] * math.sqrt(max(1.0, rows / cols)))
+            h["wd"].fill_(group["weight_decay"])
+            h["beta2"].fill_(group["beta2"])
+            _kernel(muon_update_, param_chunk.device)(
+                grad_chunk[:n_owned], param_chunk[:n_owned],
+                state["momentum_buffer"][:n_owned], state["second_momentum_buffer"][:n_owned],
+                h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], _polar_express_dtype())
+        if stacked is None:  # one rank: it owns the whole group
             torch._foreach_copy_(params, list(param_chunk.unbind(0)))
             return []
-        # The reduce buffer is free again: gather every rank's updated chunk into it
+        # The reduce buffer is free again: gather every rank's updated (zero-padded) chunk into it
         work = _all_gather(stacked, param_chunk, async_op=True)
         return [_Pending(work, lambda: torch._foreach_copy_(params, list(stacked.unbind(0)[:len(params)])))]
 
@@ -427,23 +488,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _state_layout(self):
         """{param index: {state name: (shape on this rank, dtype)}} for every param that keeps state."""
-        layout, index = {}, 0
+        layout, first_index = {}, 0
         for group in self.param_groups:
-            params = group["params"]
-            if group["kind"] == "adamw":
-                for p in params:
-                    shape = tuple(p.shape)
-                    if _adamw_is_sharded(shape, self.world_size):
-                        shape = (shape[0] // self.world_size, *shape[1:])
-                    layout[index] = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
-                    index += 1
-            else:
-                rows, cols = params[0].shape
-                chunk = _muon_chunk(len(params), self.world_size)
-                factored = (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)
-                layout[index] = {"momentum_buffer": ((chunk, rows, cols), params[0].dtype),
-                                 "second_momentum_buffer": (factored, torch.float32)}
-                index += len(params)
+            for offset, p in enumerate(_state_holders(group)):
+                layout[first_index + offset] = self._state_specs(group, p)
+            first_index += len(group["params"])
         return layout
 
 
@@ -464,28 +513,19 @@ def consolidate_state_dicts(shards):
     param_shapes = _sharding_of(shards[0])["param_shapes"]
     full_state = {}
     for group in shards[0]["param_groups"]:
-        indices = group["params"]
-        if group["kind"] == "adamw":
-            for index in indices:
-                per_rank = _state_of_every_rank(shards, index)
-                if per_rank is None:
-                    continue
-                if _adamw_is_sharded(param_shapes[index], world_size):
-                    full_state[index] = {
-                        "step": per_rank[0]["step"],
-                        "exp_avg": torch.cat([state["exp_avg"] for state in per_rank]),
-                        "exp_avg_sq": torch.cat([state["exp_avg_sq"] for state in per_rank]),
-                    }
-                else:  # replicated: every rank holds the same values
-                    full_state[index] = dict(per_rank[0])
-        else:
-            per_rank = _state_of_every_rank(shards, indices[0])
+        for index in _state_holders(group):
+            per_rank = _state_of_every_rank(shards, index)
             if per_rank is None:
                 continue
-            full_state[indices[0]] = {  # concatenate the chunks and drop the zero padding
-                name: torch.cat([state[name] for state in per_rank])[:len(indices)]
-                for name in ("momentum_buffer", "second_momentum_buffer")
-            }
+            if group["kind"] == "adamw" and not _adamw_is_sharded(param_shapes[index], world_size):
+                full_state[index] = dict(per_rank[0])  # replicated: every rank holds the same values
+                continue
+            full_shapes = _state_shapes(group["kind"], param_shapes[index], len(group["params"]), world_size=1)
+            merged = {"step": per_rank[0]["step"]} if "step" in per_rank[0] else {}
+            for name, full_shape in full_shapes.items():
+                # the ranks' row slices (or chunks) in rank order, less the zero padding of muon's last chunks
+                merged[name] = torch.cat([state[name] for state in per_rank])[:full_shape[0]]
+            full_state[index] = merged
     return {
         "state": full_state,
         "param_groups": [dict(group) for group in shards[0]["param_groups"]],
@@ -493,46 +533,43 @@ def consolidate_state_dicts(shards):
     }
 
 
-def shard_state_dict(full_state_dict, rank, world_size):
-    """The state_dict() that rank `rank` of `world_size` would hold, sliced from a full state."""
+def shard_state_dict(full_state_dict, rank, world_size, device=None):
+    """
+    The state_dict() that rank `rank` of `world_size` would hold, sliced from a full state. Its
+    tensors are new copies, on `device` when given (else where the full state's are).
+    """
     sharding = _sharding_of(full_state_dict)
     if sharding["world_size"] != 1:
         raise ValueError("shard_state_dict needs a full state; merge the shards with consolidate_state_dicts first")
     param_shapes = sharding["param_shapes"]
     shard_state = {}
     for group in full_state_dict["param_groups"]:
-        indices = group["params"]
-        if group["kind"] == "adamw":
-            for index in indices:
-                if index not in full_state_dict["state"]:
-                    continue
-                state = full_state_dict["state"][index]
-                shape = param_shapes[index]
+        for index in _state_holders(group):
+            if index not in full_state_dict["state"]:
+                continue
+            state, shape = full_state_dict["state"][index], param_shapes[index]
+            if group["kind"] == "adamw":
                 _check_shardable(shape, world_size)
-                if _adamw_is_sharded(shape, world_size):
-                    rows = shape[0] // world_size
-                    owned = slice(rank * rows, (rank + 1) * rows)
-                    shard_state[index] = {
-                        "step": state["step"],
-                        "exp_avg": state["exp_avg"][owned].clone(),
-                        "exp_avg_sq": state["exp_avg_sq"][owned].clone(),
-                    }
-                else:
-                    shard_state[index] = {name: (value.clone() if torch.is_tensor(value) else value)
-                                          for name, value in state.items()}
-        elif indices[0] in full_state_dict["state"]:
-            chunk = _muon_chunk(len(indices), world_size)
-            shard_state[indices[0]] = {}
-            for name, full in full_state_dict["state"][indices[0]].items():
-                owned = full[rank * chunk:(rank + 1) * chunk]
-                padded = full.new_zeros((chunk, *full.shape[1:]))
-                padded[:owned.size(0)] = owned
-                shard_state[indices[0]][name] = padded
+            # a replicated (small AdamW) state is the whole tensor on every rank
+            replicated = group["kind"] == "adamw" and not _adamw_is_sharded(shape, world_size)
+            shard = {"step": state["step"]} if "step" in state else {}
+            for name, shard_shape in _state_shapes(group["kind"], shape, len(group["params"]), world_size).items():
+                first_row = 0 if replicated else rank * shard_shape[0]
+                shard[name] = _rows_of(state[name], first_row, shard_shape, device)
+            shard_state[index] = shard
     return {
         "state": shard_state,
         "param_groups": [dict(group) for group in full_state_dict["param_groups"]],
         "sharding": {"world_size": world_size, "rank": rank, "param_shapes": param_shapes},
     }
+
+
+def _rows_of(full, first_row, shape, device):
+    """Rows [first_row, first_row + shape[0]) of full as a new tensor of `shape` on device, zero past full's end."""
+    part = full.new_zeros(shape, device=device)
+    rows = full[first_row:first_row + shape[0]]
+    part[:rows.size(0)] = rows
+    return part
 
 
 def _sharding_of(state_dict):

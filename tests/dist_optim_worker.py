@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanochat import optim
 from nanochat.optim import MuonAdamW
 
 BATCH_SIZE = 8
@@ -69,6 +70,25 @@ def compute_grads(params, targets, batch):
     loss.mean().backward()
 
 
+def record_muon_kernel_calls():
+    """Make every muon kernel call append how many matrices it was given; returns (that list, undo)."""
+    matrices_per_call = []
+    real_kernel = optim._kernel
+
+    def recording_kernel(fn, device):
+        kernel = real_kernel(fn, device)
+        if fn is not optim.muon_update_:
+            return kernel
+
+        def record(grads, *args):
+            matrices_per_call.append(grads.size(0))
+            return kernel(grads, *args)
+        return record
+
+    optim._kernel = recording_kernel
+    return matrices_per_call, lambda: setattr(optim, "_kernel", real_kernel)
+
+
 def main(out_dir):
     dist.init_process_group(backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -77,15 +97,19 @@ def main(out_dir):
     per_rank = BATCH_SIZE // world_size
     my_batch = slice(rank * per_rank, (rank + 1) * per_rank)
 
-    # A: three steps from the start; keep this rank's optimizer shard after step 2
+    # A: three steps from the start; keep this rank's optimizer shard after step 2, and how many
+    # matrices each of its muon kernel calls computed
     params = make_params(problem["init"])
     optimizer = MuonAdamW(make_param_groups(params))
+    matrices_per_call, stop_recording = record_muon_kernel_calls()
     for step in range(1, 4):
         compute_grads(params, targets, my_batch)
         optimizer.step()
         if step == 2:
             torch.save({"optimizer": optimizer.state_dict(), "params": {n: p.detach().clone() for n, p in params.items()}},
                        out_dir / f"after2_rank{rank}.pt")
+    stop_recording()
+    torch.save(matrices_per_call, out_dir / f"muon_kernel_calls_rank{rank}.pt")
     torch.save({n: p.detach().clone() for n, p in params.items()}, out_dir / f"fresh_after3_rank{rank}.pt")
 
     # B: resume from the full state a 1-rank run had after step 2, take step 3 on 2 ranks

@@ -1,5 +1,5 @@
 """
-MuonAdamW against plain references: torch.optim.AdamW, the math of SPEC 2.2 checked elementwise,
+MuonAdamW against plain references: torch.optim.AdamW, the Muon math checked elementwise,
 and the 1-rank optimizer as the reference for the 2-rank one (torchrun + gloo on CPU) and for
 checkpoints re-sharded between world sizes.
 """
@@ -362,6 +362,20 @@ def test_state_saved_on_one_rank_resumes_on_two_ranks(two_rank_run):
     rank0, rank1 = load_ranks(out_dir, "resumed_after3")
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
     assert_params_close(rank0, reference[3])
+
+
+def test_muon_computes_only_the_real_matrices_a_rank_owns(two_rank_run):
+    """On 2 ranks: wide K=3 (chunk 2: rank 1 owns 1 matrix + 1 padding), tall K=2, square K=1 (rank 1 owns none)."""
+    out_dir, _ = two_rank_run
+    # matrices per muon kernel call over 3 steps: wide, tall, square on rank 0; wide, tall on rank 1
+    assert load_ranks(out_dir, "muon_kernel_calls") == [[2, 1, 1] * 3, [1, 1] * 3]
+    rank1_state = load_ranks(out_dir, "after2")[1]["optimizer"]["state"]
+    wide = rank1_state[worker.param_names().index("wide.0")]
+    square = rank1_state[worker.param_names().index("square.0")]
+    for name in ("momentum_buffer", "second_momentum_buffer"):
+        # the buffers keep their chunk size (the checkpoint layout), and padding rows stay zero
+        assert wide[name].shape[0] == 2 and wide[name][0].any() and not wide[name][1].any(), name
+        assert square[name].shape[0] == 1 and not square[name].any(), name
 
 
 def test_large_adamw_param_with_rows_not_divisible_by_world_size_is_refused(two_rank_run):

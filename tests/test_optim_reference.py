@@ -1,6 +1,7 @@
 """
-The Muon step of MuonAdamW against a from-scratch reference written straight from the spec
-(SPEC 2.2), one matrix at a time in plain tensor math and sharing no code with nanochat/optim.py:
+The Muon step of MuonAdamW against a from-scratch reference written straight from the formulas
+(as upstream nanochat computes them), one matrix at a time in plain tensor math and sharing no
+code with nanochat/optim.py:
 Nesterov momentum, Polar Express with its published coefficients, NorMuon's factored second
 moment, cautious weight decay and the shape-based LR, over several steps.
 """
