@@ -15,7 +15,8 @@ loads. A checkpoint saved on N ranks resumes on M ranks: the optimizer shards ar
 and re-sliced on load (see load_optimizer_for_rank).
 
 Training scripts, on every rank:
-    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+    save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta,
+                    rank=rank, collective=True)
     # resume:
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
     optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size))
@@ -76,27 +77,25 @@ def _current_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=None):
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, collective=False):
     """
     Write one checkpoint. Rank 0 writes the model and, last, the meta JSON; every rank that
     passes optimizer_data writes its own optimizer shard. The meta gets `world_size`, the number
     of ranks of this run (= optimizer shards to expect).
-    Called on every rank with rank=<this rank> (as base_train does) in a multi-rank run with
-    optimizer data, it is a collective: barriers make rank 0 wait for every shard before it marks
-    the checkpoint complete. Called without rank, it writes as rank 0 and waits for no one:
-    upstream's mid_train saves from rank 0 alone that way, and a barrier would hang it.
+    collective=True: called on every rank of the run with rank=<this rank> (as base_train does);
+    in a multi-rank run, barriers make rank 0 wait for every shard before it marks the checkpoint
+    complete. collective=False (the default): this call waits for no other rank; upstream's
+    mid_train saves from rank 0 alone that way, and a barrier would hang it.
     """
     step = int(step)
     world_size = _current_world_size()
-    collective = rank is not None and optimizer_data is not None and world_size > 1
-    rank = 0 if rank is None else rank
+    wait_for_every_rank = collective and world_size > 1
     os.makedirs(checkpoint_dir, exist_ok=True)
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         # Re-saving a step: drop its completion mark first, so that a crash while the new files
         # are being written never pairs the old meta with new weights.
         os.remove(meta_path(checkpoint_dir, step))
-    if collective:
+    if wait_for_every_rank:
         dist.barrier()  # no rank overwrites its shard while the old meta still vouches for it
     if rank == 0:
         path = model_path(checkpoint_dir, step)
@@ -108,7 +107,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         with atomic_open(path, "wb") as f:
             torch.save(optimizer_data, f)
         logger.info(f"Saved optimizer state to: {path}")
-    if collective:
+    if wait_for_every_rank:
         dist.barrier()  # every shard is on disk
     if rank == 0:
         meta = {**meta_data, "world_size": world_size}
@@ -123,8 +122,6 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
 
 
 def _torch_load(path, device):
-    if not os.path.exists(path):
-        raise MissingInputError(f"no checkpoint file at {path}: run the training phase first or pass --model-tag/--step")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, ...: all mean the same to the user
@@ -152,34 +149,47 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     ranks as saved; load_optimizer_for_rank re-shards in the other cases.
     """
     step = int(step)
-    if not os.path.exists(model_path(checkpoint_dir, step)):
-        raise MissingInputError(f"no checkpoint at {model_path(checkpoint_dir, step)}: "
-                                "run base_train first or pass --model-tag/--step")
+    model_file = model_path(checkpoint_dir, step)
+    if not os.path.exists(model_file):
+        raise MissingInputError(f"no checkpoint at {model_file}: run base_train first or pass --model-tag/--step")
     meta_data = _load_meta(checkpoint_dir, step)
-    model_data = _torch_load(model_path(checkpoint_dir, step), device)
-    optimizer_data = None
-    if load_optimizer:
-        optimizer_data = _torch_load(optim_path(checkpoint_dir, step, rank), device)
+    optimizer_file = optim_path(checkpoint_dir, step, rank)
+    if load_optimizer and not os.path.exists(optimizer_file):
+        raise MissingInputError(f"no checkpoint file at {optimizer_file}: run the training phase first "
+                                "or pass --model-tag/--step")
+    model_data = _torch_load(model_file, device)
+    optimizer_data = _torch_load(optimizer_file, device) if load_optimizer else None
     return model_data, optimizer_data, meta_data
 
 
-def saved_world_size(checkpoint_dir, step, meta_data=None):
-    """How many ranks saved this step, i.e. how many optimizer shards it has if it has any (meta, else files)."""
-    if meta_data is None:
-        meta_data = _load_meta(checkpoint_dir, step)
-    if "world_size" in meta_data:
-        return int(meta_data["world_size"])
-    # Checkpoints from upstream carry no world size: count the shard files instead.
-    pattern = re.compile(rf"optim_{int(step):06d}_rank(\d+)\.pt")
-    ranks = [int(m.group(1)) for name in os.listdir(checkpoint_dir) if (m := pattern.fullmatch(name))]
-    return max(ranks) + 1 if ranks else 0
+def _saved_shards(checkpoint_dir, step):
+    """(how many ranks saved this step, the ranks whose optimizer shard is on disk): the meta and one listing."""
+    meta_data = _load_meta(checkpoint_dir, step)
+    pattern = re.compile(rf"optim_{step:06d}_rank(\d+)\.pt")
+    on_disk = {int(m.group(1)) for name in os.listdir(checkpoint_dir) if (m := pattern.fullmatch(name))}
+    # Checkpoints from upstream carry no world size: their shard files tell it
+    world_size = int(meta_data["world_size"]) if "world_size" in meta_data else max(on_disk, default=-1) + 1
+    return world_size, on_disk
 
 
-def _has_optimizer_state(checkpoint_dir, step, saved=None):
-    """Whether this step was saved with optimizer shards (SFT and RL checkpoints are saved without)."""
-    if saved is None:
-        saved = saved_world_size(checkpoint_dir, step)
-    return saved > 0 and os.path.exists(optim_path(checkpoint_dir, int(step), 0))
+def saved_world_size(checkpoint_dir, step):
+    """How many ranks saved this step, i.e. how many optimizer shards it has if it has any."""
+    return _saved_shards(checkpoint_dir, int(step))[0]
+
+
+def _optimizer_shard_paths(checkpoint_dir, step):
+    """
+    The optimizer shard files of a step in rank order, one per rank that saved it, or [] when it
+    was saved without optimizer state (SFT and RL checkpoints are). A partial set is an error.
+    """
+    world_size, on_disk = _saved_shards(checkpoint_dir, step)
+    if 0 not in on_disk:
+        return []
+    missing = [optim_path(checkpoint_dir, step, r) for r in range(world_size) if r not in on_disk]
+    if missing:
+        raise MissingInputError(f"checkpoint was saved on {world_size} ranks but optimizer shards are missing: "
+                                f"{', '.join(missing)}; copy them from the training machine or start the optimizer fresh")
+    return [optim_path(checkpoint_dir, step, r) for r in range(world_size)]
 
 
 def load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size):
@@ -190,32 +200,20 @@ def load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size):
     full (world-size independent) state and this rank's slice is cut from it.
     """
     step = int(step)
-    saved = saved_world_size(checkpoint_dir, step)
-    if not _has_optimizer_state(checkpoint_dir, step, saved):
+    shard_paths = _optimizer_shard_paths(checkpoint_dir, step)
+    if not shard_paths:
         raise MissingInputError(f"checkpoint {meta_path(checkpoint_dir, step)} has no optimizer state "
                                 "(it was saved without one): start the optimizer fresh instead")
-    missing = [optim_path(checkpoint_dir, step, r) for r in range(saved)
-               if not os.path.exists(optim_path(checkpoint_dir, step, r))]
-    if missing:
-        raise MissingInputError(f"checkpoint was saved on {saved} ranks but optimizer shards are missing: "
-                                f"{', '.join(missing)}; copy them from the training machine or start the optimizer fresh")
-    if saved == world_size:
-        return _torch_load(optim_path(checkpoint_dir, step, rank), device)
-    log0(f"Re-sharding optimizer state saved on {saved} ranks for {world_size} ranks")
+    return _optimizer_state_for_rank(shard_paths, device, rank, world_size)
+
+
+def _optimizer_state_for_rank(shard_paths, device, rank, world_size):
+    if len(shard_paths) == world_size:
+        return _torch_load(shard_paths[rank], device)
+    log0(f"Re-sharding optimizer state saved on {len(shard_paths)} ranks for {world_size} ranks")
     # Consolidate on the CPU: all N shards plus the full state would crowd the GPU beside the model.
-    shards = [_torch_load(optim_path(checkpoint_dir, step, r), "cpu") for r in range(saved)]
-    full_state = consolidate_state_dicts(shards)
-    return _move_to(shard_state_dict(full_state, rank, world_size), device)
-
-
-def _move_to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _move_to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_move_to(v, device) for v in obj)
-    return obj
+    full_state = consolidate_state_dicts([_torch_load(path, "cpu") for path in shard_paths])
+    return shard_state_dict(full_state, rank, world_size, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -223,16 +221,15 @@ def _move_to(obj, device):
 
 
 def _patch_missing_config_keys(model_config):
-    # Checkpoints from before sliding-window attention (and REF's mid_train) lack window_pattern:
-    # they were trained with full attention everywhere.
+    # Checkpoints from before sliding-window attention (and upstream nanochat's mid_train, whose meta
+    # leaves it out) lack window_pattern: they were trained with full attention everywhere.
     if "window_pattern" not in model_config:
         model_config["window_pattern"] = "L"
         log0("Patching missing window_pattern in model config to 'L' (full attention)")
 
 
-def _patch_missing_keys(model_data, model_config):
+def _patch_missing_keys(model_data, n_layer):
     # Checkpoints from before the per-layer residual scalars: identity residual, no x0 shortcut.
-    n_layer = model_config["n_layer"]
     if "resid_lambdas" not in model_data:
         model_data["resid_lambdas"] = torch.ones(n_layer)
         log0("Patching missing resid_lambdas in model data to 1.0")
@@ -246,13 +243,17 @@ def _strip_compile_prefix(model_data):
     return {k.replace("_orig_mod.", ""): v for k, v in model_data.items()}
 
 
-def load_model_state(model, model_data):
+def load_model_state(model, model_data, patch_missing_keys=False):
     """
-    Load a saved state dict into an initialized model (strict): drop torch.compile's `_orig_mod.`
-    key prefixes and give every tensor the device and dtype this model uses (e.g. bf16 embeddings
-    on CUDA, fp32 on CPU/MPS), whatever device the checkpoint was saved from.
+    Load a saved state dict into an initialized model (strict) and give every tensor the device and
+    dtype this model uses (e.g. bf16 embeddings on CUDA, fp32 on CPU/MPS), whatever device the
+    checkpoint was saved from. torch.compile's `_orig_mod.` key prefixes are dropped first, so that
+    patch_missing_keys (give a checkpoint from before the residual lambdas their neutral values)
+    sees the real key names, and a compiled checkpoint keeps the lambdas it saved.
     """
     model_data = _strip_compile_prefix(model_data)
+    if patch_missing_keys:
+        _patch_missing_keys(model_data, model.config.n_layer)
     expected = model.state_dict()
     device = model.get_device()
     model_data = {k: v.to(device=device, dtype=expected[k].dtype) if k in expected else v for k, v in model_data.items()}
@@ -268,18 +269,16 @@ def build_model(checkpoint_dir, step, device, phase):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=False)
-    model_data = _strip_compile_prefix(model_data)  # before patching, so patches see the real key names
     model_config_kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(model_config_kwargs)
     log0(f"Building model with config: {model_config_kwargs}")
     model_config = GPTConfig(**model_config_kwargs)
-    _patch_missing_keys(model_data, model_config_kwargs)
 
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)
     model.init_weights()  # recomputes the rotary buffers, which are not in the state dict
-    load_model_state(model, model_data)
+    load_model_state(model, model_data, patch_missing_keys=True)
     if phase == "eval":
         model.eval()
     else:
@@ -367,8 +366,9 @@ def load_optimizer_state(source, device, rank, model_tag=None, step=None, world_
     checkpoint_dir, step = _resolve_checkpoint(checkpoints_dir_for(source), model_tag, step)
     if world_size is None:
         world_size = _current_world_size()
-    if not _has_optimizer_state(checkpoint_dir, step):
+    shard_paths = _optimizer_shard_paths(checkpoint_dir, step)
+    if not shard_paths:
         log0(f"Optimizer checkpoint not found: {optim_path(checkpoint_dir, step, rank)}")
         return None
     log0(f"Loading optimizer state from {checkpoint_dir} with step {step}")
-    return load_optimizer_for_rank(checkpoint_dir, step, device, rank, world_size)
+    return _optimizer_state_for_rank(shard_paths, device, rank, world_size)

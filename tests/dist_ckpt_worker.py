@@ -6,11 +6,11 @@ Run on CPU ranks (gloo):
 
 Reads WORKDIR/setup.pt ({"model_config", "initial_state", "batches" [steps, 2, B, T+1]}), written
 by the test, where rank r trains on batches[step, r]. Writes:
-  WORKDIR/two_ranks/           2-step checkpoint saved by both ranks (optim shards rank0, rank1)
+  WORKDIR/two_ranks/           2-step checkpoint saved by both ranks, collectively (optim shards rank0, rank1)
   two_ranks_step3.pt           params after a 3rd step that simply continues the run
   two_ranks_resumed_step3.pt   params after a 3rd step resumed from two_ranks/ (own shards)
   one_to_two_step3.pt          params after a 3rd step resumed from WORKDIR/one_rank/ (re-sharded)
-  rank0_only/                  step-3 checkpoint saved by rank 0 alone with no rank argument
+  rank0_only/                  step-3 checkpoint saved by rank 0 alone, not collectively
 """
 
 import os
@@ -50,7 +50,8 @@ def main(workdir):
     for step in range(2):
         train_step(model, optimizer, batches[step, rank])
     two_ranks_dir = os.path.join(workdir, "two_ranks")
-    save_checkpoint(two_ranks_dir, 2, model.state_dict(), optimizer.state_dict(), {"model_config": config}, rank=rank)
+    save_checkpoint(two_ranks_dir, 2, model.state_dict(), optimizer.state_dict(), {"model_config": config},
+                    rank=rank, collective=True)
     train_step(model, optimizer, batches[2, rank])
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(workdir, "two_ranks_step3.pt"))
@@ -63,7 +64,7 @@ def main(workdir):
         train_step(model, optimizer, batches[2, rank])
         if rank == 0:
             torch.save(model.state_dict(), os.path.join(workdir, result))
-    # Upstream's mid_train saves from rank 0 alone, without a rank argument: that must not wait for
+    # Upstream's mid_train saves from rank 0 alone (rank=0, not collective): that must not wait for
     # the other ranks (rank 1 runs no collective meanwhile, so a barrier in there would hang).
     done_marker = os.path.join(workdir, "rank0_only_saved")
     if rank == 0:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
+from nanochat.common import MissingInputError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
@@ -139,7 +140,7 @@ def test_compiled_model_keys_with_orig_mod_prefix_load_strictly(base_dir, tokeni
 
 
 def test_upstream_state_dict_keys_load_with_strict_true(base_dir, tokenizer):
-    # The names and shapes of SPEC 1.3 for a 2-layer model (value embeddings and ve_gate on layer 1 only).
+    # Upstream nanochat's state-dict names and shapes for a 2-layer model (value embeddings and ve_gate on layer 1 only).
     V_pad, C = 320, 64
     upstream_shapes = {
         "transformer.wte.weight": (V_pad, C), "lm_head.weight": (V_pad, C),
@@ -277,6 +278,55 @@ def test_killed_process_mid_save_leaves_previous_checkpoint_last(base_dir):
     assert cm.find_last_step(checkpoint_dir) == 1
     model_data, _, meta = cm.load_checkpoint(checkpoint_dir, 1, "cpu")
     assert meta["step"] == 1 and torch.equal(model_data["w"], torch.ones(3))
+
+
+def fake_world(monkeypatch, world_size):
+    """torch.distributed as every rank of an initialized `world_size`-rank run sees it."""
+    monkeypatch.setattr(cm.dist, "is_available", lambda: True)
+    monkeypatch.setattr(cm.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(cm.dist, "get_world_size", lambda: world_size)
+
+
+@pytest.mark.parametrize("collective, world_size, barriers", [(False, 2, 0), (True, 1, 0), (True, 2, 2)])
+def test_save_checkpoint_waits_for_other_ranks_only_when_collective_on_several_ranks(
+        tmp_path, monkeypatch, collective, world_size, barriers):
+    fake_world(monkeypatch, world_size)
+    barrier_calls = []
+    monkeypatch.setattr(cm.dist, "barrier", lambda: barrier_calls.append(1))
+    cm.save_checkpoint(str(tmp_path), 1, {"w": torch.ones(1)}, {"s": torch.ones(1)}, {"step": 1},
+                       rank=0, collective=collective)
+    assert len(barrier_calls) == barriers
+    assert json.loads((tmp_path / "meta_000001.json").read_text())["world_size"] == world_size
+
+
+def test_collective_resave_waits_with_the_old_meta_gone_and_writes_the_new_one_after_every_shard(tmp_path, monkeypatch):
+    checkpoint_dir = str(tmp_path)
+    cm.save_checkpoint(checkpoint_dir, 1, {"w": torch.ones(1)}, {"s": torch.ones(1)}, {"step": 1})
+    fake_world(monkeypatch, 2)
+    seen_at_barriers = []  # (meta present, model weight on disk) at each barrier
+
+    def barrier():
+        meta_present = os.path.exists(os.path.join(checkpoint_dir, "meta_000001.json"))
+        model_weight = torch.load(os.path.join(checkpoint_dir, "model_000001.pt"))["w"].item()
+        seen_at_barriers.append((meta_present, model_weight))
+
+    monkeypatch.setattr(cm.dist, "barrier", barrier)
+    cm.save_checkpoint(checkpoint_dir, 1, {"w": torch.zeros(1)}, {"s": torch.zeros(1)}, {"step": 1},
+                       rank=0, collective=True)
+    # 1st: the old meta is gone before any rank overwrites its shard; 2nd: the new files, still no meta
+    assert seen_at_barriers == [(False, 1.0), (False, 0.0)]
+    assert json.loads((tmp_path / "meta_000001.json").read_text())["world_size"] == 2
+
+
+def test_a_missing_optimizer_shard_is_a_missing_input_naming_the_file(tmp_path, monkeypatch):
+    """Rank 0 of a 2-rank run saving alone (as upstream's mid_train) leaves rank 1's shard missing."""
+    with monkeypatch.context() as patch:
+        fake_world(patch, 2)
+        cm.save_checkpoint(str(tmp_path), 1, {"w": torch.ones(1)}, {"s": torch.ones(1)}, {"step": 1})
+    with pytest.raises(MissingInputError, match=r"saved on 2 ranks but optimizer shards are missing: .*_rank1\.pt"):
+        cm.load_optimizer_for_rank(str(tmp_path), 1, "cpu", rank=0, world_size=1)
+    with pytest.raises(MissingInputError, match=r"no checkpoint file at .*optim_000001_rank1\.pt"):
+        cm.load_checkpoint(str(tmp_path), 1, "cpu", load_optimizer=True, rank=1)
 
 
 def test_model_without_meta_is_an_incomplete_checkpoint(base_dir):
@@ -491,7 +541,7 @@ def test_optimizer_shards_resume_on_another_world_size(tmp_path):
     two_ranks_step3 = torch.load(tmp_path / "two_ranks_step3.pt")
     assert_same_params(model.state_dict(), two_ranks_step3, atol=1e-5)
 
-    # Rank 0 alone, no rank argument (upstream's mid_train): a complete checkpoint, no hang.
+    # Rank 0 alone, not collective (upstream's mid_train): a complete checkpoint, no hang.
     assert sorted(os.listdir(tmp_path / "rank0_only")) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
 
     # Same world size: each rank's own shard gives exactly the continued run.
