@@ -415,7 +415,8 @@ def save_training_checkpoint(checkpoint_dir, model, optimizer, loop, loader_stat
         "loop_state": {"min_val_bpb": loop.min_val_bpb, "smooth_train_loss": loop.smooth_train_loss,
                        "total_training_time": loop.total_training_time},
     }
-    save_checkpoint(checkpoint_dir, loop.step, model.state_dict(), optimizer.state_dict(), meta, rank=runtime.rank)
+    save_checkpoint(checkpoint_dir, loop.step, model.state_dict(), optimizer.state_dict(), meta,
+                    rank=runtime.rank, collective=True)
 
 
 # -----------------------------------------------------------------------------

@@ -7,8 +7,6 @@ Also scripts/base_loss.py on the model trained here: its bpb, report section and
 
 import gc
 import json
-import os
-import random
 import re
 import signal
 import subprocess
@@ -17,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
+from conftest import REPO_ROOT, child_env
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
 from scripts.base_train import (
@@ -25,7 +23,6 @@ from scripts.base_train import (
     scaling_params,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_FLAGS = [
     "--depth=2", "--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=256",
@@ -37,40 +34,10 @@ GLOO_EXIT_ABORT = "terminate called without an active exception"
 VAL_LINE = re.compile(r"^Step (\d{5}) \| Validation bpb: ([0-9.]+)$")
 
 
-def synthetic_documents(num_docs, seed):
-    """English-like documents from a tiny grammar: learnable structure, varied lengths."""
-    rng = random.Random(seed)
-    subjects = ["the cat", "a dog", "my teacher", "the old king", "a small bird", "the river", "our city"]
-    verbs = ["sees", "loves", "follows", "builds", "remembers", "crosses", "paints"]
-    objects = ["the moon", "a red house", "the quiet sea", "many stars", "a long road", "the garden"]
-    docs = []
-    for _ in range(num_docs):
-        sentences = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(rng.randint(2, 30))]
-        docs.append(" ".join(sentences).capitalize())
-    return docs
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A private NANOCHAT_BASE_DIR with 3 train shards, the pinned val shard and a trained tokenizer."""
-    base = tmp_path_factory.mktemp("base_train_base")
-    data_dir = base / "base_data"
-    data_dir.mkdir()
-    for index, seed in [(0, 0), (1, 1), (2, 2), (VAL_SHARD_INDEX, 99)]:
-        write_shard(str(data_dir / shard_filename(index)), synthetic_documents(400, seed), row_group_size=64)
-    env = child_env(base)
-    subprocess.run([sys.executable, "-m", "scripts.tok_train", "--max-chars=2000000", "--vocab-size=512"],
-                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)
-    return base
-
-
-def child_env(base):
-    env = dict(os.environ)
-    env.update(NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", NANOCHAT_DTYPE="float32", WANDB_MODE="disabled")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
-    return env
+@pytest.fixture
+def base_dir(tiny_base_dir):
+    """The session's tiny base dir: shards and a trained tokenizer (tests/conftest.py)."""
+    return tiny_base_dir
 
 
 def run_base_train(base, *flags, nproc=1, timeout=300, env_overrides=None):
@@ -263,12 +230,10 @@ def test_two_rank_run_resumes_on_one_rank(base_dir):
         assert abs(float(one_losses[step]) - float(two_losses[step])) < 0.05 * float(two_losses[step])
 
 
-@pytest.fixture(scope="module")
-def trained_for_loss(base_dir):
+@pytest.fixture
+def trained_for_loss(tiny_checkpoint):
     """A 3-step model under the tag for_loss; returns base_train's stdout."""
-    trained = run_base_train(base_dir, "--num-iterations=3", "--model-tag=for_loss")
-    assert trained.returncode == 0, trained.stderr
-    return trained.stdout
+    return tiny_checkpoint
 
 
 def run_base_loss(base, *flags):

@@ -16,36 +16,8 @@ import torch
 from nanochat import checkpoint_manager as cm
 from nanochat.common import MissingInputError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. " * 20
-                  + "Checkpoints must load on any number of ranks, and never half written. " * 20)
-
-
-def make_tokenizer(base_dir, vocab_size=300):
-    """A real (tiny) tokenizer in base_dir/tokenizer: trained with rustbpe when it is built, else byte-level."""
-    try:
-        import rustbpe
-
-        rustbpe_built = hasattr(rustbpe, "Tokenizer")  # the bare source dir imports as an empty namespace
-    except ImportError:
-        rustbpe_built = False
-    if rustbpe_built:
-        tokenizer = RustBPETokenizer.train_from_iterator([TOKENIZER_TEXT], vocab_size)
-    else:
-        import tiktoken
-
-        from nanochat.tokenizer import SPLIT_PATTERN
-
-        ranks = {bytes([i]): i for i in range(256)}
-        specials = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
-        enc = tiktoken.Encoding(name="bytes", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-        tokenizer = RustBPETokenizer(enc, "<|bos|>")
-    tokenizer.save(os.path.join(base_dir, "tokenizer"))
-    return tokenizer
-
-
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -53,8 +25,10 @@ def base_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tokenizer(base_dir):
-    return make_tokenizer(str(base_dir))
+def tokenizer(base_dir, tiny_tokenizer):
+    """The session's tiny tokenizer, saved where build_model looks for it."""
+    tiny_tokenizer.save(os.path.join(base_dir, "tokenizer"))
+    return tiny_tokenizer
 
 
 def tiny_config(vocab_size, **overrides):

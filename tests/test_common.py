@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from conftest import free_port
 from nanochat import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,11 +227,7 @@ run_script(main, "worker")
 @pytest.mark.parametrize("error, code", [("ConfigError('--depth must be >= 1')", 2), ("ZeroDivisionError('a bug')", 1)])
 def test_a_failing_rank_ends_every_rank_within_seconds(error, code):
     # Plain processes, no torchrun agent to kill the survivor: the ranks must end on their own.
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = _RANK_FAILS_SCRIPT.format(error=error)
     procs = []
     for rank in range(2):

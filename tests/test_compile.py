@@ -5,8 +5,6 @@ LR / momentum / weight-decay schedules never trigger a recompile. A cold compile
 seconds on 2 cores, so these are the only tests that turn NANOCHAT_COMPILE on (conftest turns it off).
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +13,8 @@ import torch._dynamo
 from nanochat.common import _cpu_compiler_available
 from nanochat.optim import MuonAdamW
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dist_optim_worker as worker  # noqa: E402
-from test_base_train import base_dir, parse_losses, parse_val_bpb, run_base_train  # noqa: E402,F401
+import dist_optim_worker as worker
+from test_base_train import parse_losses, parse_val_bpb, run_base_train
 
 # without a C++ compiler compile_enabled() runs eagerly on CPU, and these comparisons would be vacuous
 needs_cpu_compiler = pytest.mark.skipif(not _cpu_compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
@@ -59,7 +56,8 @@ def test_compiled_optimizer_matches_eager_and_schedules_never_recompile(monkeypa
 
 @pytest.mark.slow
 @needs_cpu_compiler
-def test_compiled_base_train_matches_eager(base_dir):
+def test_compiled_base_train_matches_eager(tiny_base_dir):
+    base_dir = tiny_base_dir
     flags = ["--num-iterations=6", "--eval-every=3", "--warmdown-ratio=0.5"]
     outputs = {}
     for compile_flag in ("0", "1"):

@@ -13,7 +13,6 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tiktoken
 import torch
 
 from nanochat.dataloader import (
@@ -24,7 +23,6 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
 from nanochat.dataset import get_split_paths
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer
 
 # Small on purpose: T=48 makes many docs longer than a row (they linger in the buffer and get
 # cropped), 16-doc row groups in chunks of 5 exercise partial chunks and short last row groups.
@@ -62,21 +60,8 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(data_dir):
-    """A real RustBPETokenizer: trained with rustbpe when the extension is built, else a hand-made BPE."""
-    texts = [t for path in get_split_paths("train", data_dir=data_dir) for t in pq.read_table(path)["text"].to_pylist()]
-    try:
-        import rustbpe
-
-        rustbpe.Tokenizer  # noqa: B018 (an unbuilt crate directory imports as an empty namespace package)
-    except (ImportError, AttributeError):
-        ranks = {bytes([i]): i for i in range(256)}
-        for piece in (b"th", b"he", b"the", b" t", b" the", b"in", b"an", b"er", b" a", b"at"):
-            ranks[piece] = len(ranks)
-        special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        enc = tiktoken.Encoding("test_bpe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special_tokens)
-        return RustBPETokenizer(enc, "<|bos|>")
-    return RustBPETokenizer.train_from_iterator(texts, vocab_size=256 + len(SPECIAL_TOKENS) + 64)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def set_rank(monkeypatch, rank, world_size):

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import nanochat.engine as engine
 import nanochat.gpt as gpt

@@ -6,7 +6,6 @@ left out; sums taken over all ranks.
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
 from nanochat.loss_eval import evaluate_bpb
 
 VOCAB = 12
@@ -110,12 +110,6 @@ def test_runs_without_building_autograd_graphs():
     evaluate_bpb(GradCheckingModel(), iter(make_batches(seed=4)), 3, TOKEN_BYTES)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world_size, port, result_queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -129,7 +123,7 @@ def _rank_worker(rank, world_size, port, result_queue):
 @pytest.mark.slow  # two spawned processes, each importing torch
 def test_two_ranks_sum_nats_and_bytes_before_dividing():
     # spawn, not fork: a forked child of a process that already ran torch's OpenMP pool can hang
-    port, context = _free_port(), mp.get_context("spawn")
+    port, context = free_port(), mp.get_context("spawn")
     result_queue = context.Queue()
     workers = [context.Process(target=_rank_worker, args=(rank, 2, port, result_queue)) for rank in range(2)]
     for worker in workers:

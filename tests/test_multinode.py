@@ -6,25 +6,15 @@ local rank, who writes which checkpoint file, which rank reads which data).
 """
 
 import json
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_base_train import (  # noqa: E402,F401
-    GLOO_EXIT_ABORT, REPO_ROOT, TINY_FLAGS, base_dir, child_env, parse_losses, parse_val_bpb, run_base_train,
-)
+from conftest import REPO_ROOT, child_env, free_port
+from test_base_train import GLOO_EXIT_ABORT, TINY_FLAGS, parse_losses, parse_val_bpb, run_base_train
 
 FLAGS = ["--total-batch-size=512", "--num-iterations=6", "--eval-every=3", "--save-every=3"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_nodes(base, *flags):
@@ -41,7 +31,8 @@ def run_two_nodes(base, *flags):
 
 
 @pytest.mark.slow
-def test_two_nodes_train_exactly_like_one_node_with_two_ranks(base_dir):
+def test_two_nodes_train_exactly_like_one_node_with_two_ranks(tiny_base_dir):
+    base_dir = tiny_base_dir
     single = run_base_train(base_dir, *FLAGS, "--model-tag=one_node", nproc=2)
     assert single.returncode == 0, single.stdout + single.stderr
 

@@ -17,13 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # dev/ is not installed with the package; a bare `pytest` would not find it
 
-from dev.offline_data.corpus import (  # noqa: E402
+from dev.offline_data.corpus import (
     bible_documents, build_offline_corpus, collect_documents, literature_sections,
     normalize_text, pack_sections, rest_sections, shakespeare_docs, split_text,
 )
-from nanochat.dataset import OFFLINE_MANIFEST_NAME, VAL_SHARD_INDEX, get_split_paths, shard_filename, write_shard  # noqa: E402
+from nanochat.dataset import OFFLINE_MANIFEST_NAME, VAL_SHARD_INDEX, get_split_paths, shard_filename, write_shard
 
 PLAY = """HAMLET, PRINCE OF DENMARK
 

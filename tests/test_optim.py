@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import dist_optim_worker as worker
 from nanochat.optim import MuonAdamW, consolidate_state_dicts, polar_express, shard_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_PATH = Path(__file__).with_name("dist_optim_worker.py")
-sys.path.insert(0, str(WORKER_PATH.parent))
-import dist_optim_worker as worker  # noqa: E402
 
 
 def adamw_group(params, lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.0):

