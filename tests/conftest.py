@@ -8,7 +8,8 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     free_port()                 a TCP port on 127.0.0.1 nobody listens on (for gloo / servers)
     synthetic_documents(n, s)   English-like documents from a tiny grammar: learnable, varied lengths
     child_env(base)             the environment for a script subprocess working in `base`
-    tiny_tokenizer              a real rustbpe-trained RustBPETokenizer (vocab 512), in memory
+    build_gpt(config, seed, perturb)  a real GPT on CPU, initialized, optionally with noisy weights
+    tiny_tokenizer              a real rustbpe-trained RustBPETokenizer (vocab 300), in memory
     tiny_base_dir               a NANOCHAT_BASE_DIR with 3 train shards, the val shard and a
                                 tokenizer trained by scripts.tok_train (vocab 512)
     tiny_checkpoint             tiny_base_dir plus a 3-step d2 base model under the tag for_loss
@@ -31,7 +32,8 @@ os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 os.environ.setdefault("NANOCHAT_COMPILE", "0")  # a cold torch.compile costs ~25 s on 2 cores; test_compile turns it on
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_VOCAB_SIZE = 512
+TINY_VOCAB_SIZE = 300  # tiny_tokenizer: 256 bytes + 35 merges + 9 special tokens (a d2 model pads it to 320)
+BASE_DIR_VOCAB_SIZE = 512  # tiny_base_dir's tokenizer, trained by tok_train
 
 
 def free_port():
@@ -64,11 +66,35 @@ def child_env(base):
     return env
 
 
+def build_gpt(config, seed=0, perturb=0.0):
+    """
+    A GPT on CPU, built on the meta device and initialized as training does, in eval mode.
+    perturb > 0 adds that much noise to every weight, so the zero-initialized output
+    projections, gates and scalars stop hiding paths (round trips then test every tensor).
+    """
+    import torch
+
+    from nanochat.gpt import GPT
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from nanochat.tokenizer import RustBPETokenizer
 
-    return RustBPETokenizer.train_from_iterator(synthetic_documents(400, seed=7), TINY_VOCAB_SIZE)
+    tokenizer = RustBPETokenizer.train_from_iterator(synthetic_documents(400, seed=7), TINY_VOCAB_SIZE)
+    assert tokenizer.get_vocab_size() == TINY_VOCAB_SIZE
+    return tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +107,7 @@ def tiny_base_dir(tmp_path_factory):
     data_dir.mkdir()
     for index, seed in [(0, 0), (1, 1), (2, 2), (VAL_SHARD_INDEX, 99)]:
         write_shard(str(data_dir / shard_filename(index)), synthetic_documents(400, seed), row_group_size=64)
-    subprocess.run([sys.executable, "-m", "scripts.tok_train", "--max-chars=2000000", f"--vocab-size={TINY_VOCAB_SIZE}"],
+    subprocess.run([sys.executable, "-m", "scripts.tok_train", "--max-chars=2000000", f"--vocab-size={BASE_DIR_VOCAB_SIZE}"],
                    cwd=REPO_ROOT, env=child_env(base), check=True, capture_output=True, timeout=300)
     return base
 

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import build_gpt
 from nanochat import checkpoint_manager as cm
 from nanochat.common import MissingInputError
 from nanochat.gpt import GPT, GPTConfig
@@ -39,16 +40,8 @@ def tiny_config(vocab_size, **overrides):
 
 
 def make_model(config, seed=0):
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    # Perturb the zero-initialized projections and scalars so the round trip tests every tensor.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return model
+    # noisy weights, so the round trip tests every tensor (zero-initialized ones included)
+    return build_gpt(config, seed, perturb=0.01)
 
 
 def config_dict(config):

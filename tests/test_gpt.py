@@ -12,6 +12,7 @@ import torch
 
 import nanochat.engine as engine
 import nanochat.gpt as gpt
+from conftest import build_gpt
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, has_ve, norm
 
@@ -35,19 +36,7 @@ def tiny_config(**overrides):
     return GPTConfig(**kwargs)
 
 
-def build(config, seed=0, perturb=0.0):
-    """A real model on CPU. perturb > 0 adds noise to every weight, so the zero-initialized
-    output projections and gates stop hiding the attention and value-embedding paths."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(perturb * torch.randn_like(p))
-    return model.eval()
+build = build_gpt  # the shared builder (tests/conftest.py)
 
 
 # -----------------------------------------------------------------------------
