@@ -1,20 +1,42 @@
 """
-Inference on token ids with a KV cache.
+Inference on token ids: a KV cache, the sampler, and the Engine that generates with the
+calculator tool. The Engine works purely on token ids; the tokenizer is only needed for the tool.
 
-KVCache holds every layer's keys and values in the layout Flash Attention 3 wants, so the
-attention kernel can write new entries in place and attend over the cached prefix.
+    engine = Engine(model, tokenizer)
+    for token_column, token_masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64):
+        ...  # one token per sample per step; mask 1 = sampled, 0 = forced (tool output)
+    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
+
+The prompt is run once, at batch 1, and its cache is copied into every sample's row; then each
+step runs the model on one new token per row. Per generated token the host waits on the device
+once (to read the sampled ids, which the tool and the caller need).
+
+Self-test: python -m nanochat.engine   (the last base model: naive generate vs the Engine)
 """
 
+import ast
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE
+
+# -----------------------------------------------------------------------------
+# KV cache
 
 
 class KVCache:
     """
-    Keys/values for all layers: k_cache and v_cache of shape (num_layers, B, T_max, Hkv, D),
-    plus cache_seqlens (B,) int32, the number of filled positions per row. All rows move
-    together. The model writes into the cache inside attention; its last layer calls advance().
+    Keys/values for all layers: k_cache and v_cache of shape (num_layers, B, T_max, Hkv, D), the
+    layout Flash Attention 3 wants, plus cache_seqlens (B,) int32, the number of filled positions
+    per row. All rows move together. The model writes into the cache inside attention; its last
+    layer calls advance(). The position is mirrored on the host, so reading it costs no sync.
     """
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=None):
@@ -28,14 +50,16 @@ class KVCache:
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._pos = 0
 
     def reset(self):
         """Forget the contents (positions back to 0; stale entries are overwritten before use)."""
         self.cache_seqlens.zero_()
+        self._pos = 0
 
     def get_pos(self):
-        """Current fill position (row 0; all rows share it)."""
-        return int(self.cache_seqlens[0].item())
+        """Current fill position (every row's)."""
+        return self._pos
 
     def get_layer_cache(self, layer_idx):
         """Views (k, v) of one layer, each (B, T_max, Hkv, D); writes go into the cache."""
@@ -43,6 +67,7 @@ class KVCache:
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
+        self._pos += num_tokens
 
     def prefill(self, other):
         """
@@ -64,3 +89,252 @@ class KVCache:
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
+        self._pos = pos
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+@torch.inference_mode()
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """
+    logits (B, V) -> next ids (B, 1). temperature 0 is greedy (argmax); otherwise sample from
+    softmax(logits / temperature), restricted to the top_k most likely ids when top_k > 0 and to
+    the smallest set whose probability reaches top_p when 0 < top_p < 1 (nucleus sampling).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    ids = None
+    if top_k is not None and top_k > 0:
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # keep a token while the mass before it is < top_p (so the most likely one always stays)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return choice if ids is None else ids.gather(-1, choice)
+
+
+# -----------------------------------------------------------------------------
+# The calculator tool
+
+CALCULATOR_TIME_LIMIT = 3.0  # seconds, as upstream
+CALCULATOR_MAX_CHARS = 1000  # an expression the model writes is a few dozen characters
+_ARITHMETIC_CHARS = set("0123456789*+-/.() ")
+_STRING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
+_FORBIDDEN_WORDS = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input", "globals",
+                    "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
+# Runs in a fresh interpreter (-I -S: no site, no env), so whatever the expression does, killing
+# the process ends it: a time limit that holds from any thread, unlike SIGALRM.
+_EVALUATOR = (
+    "import sys, warnings\n"
+    "warnings.simplefilter('ignore')\n"
+    "try:\n"
+    "    result = eval(sys.stdin.read(), {'__builtins__': {}}, {})\n"
+    "    sys.stdout.write(repr(result))\n"
+    "except BaseException:\n"
+    "    sys.exit(1)\n"
+)
+
+
+def eval_with_timeout(formula, max_time=CALCULATOR_TIME_LIMIT):
+    """eval(formula) with no builtins in a child process killed after max_time seconds; None on any failure."""
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _EVALUATOR], input=formula, capture_output=True,
+                              text=True, timeout=max_time)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    try:
+        return ast.literal_eval(done.stdout)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # e.g. inf, nan, or a huge repr
+        return None
+
+
+def use_calculator(expr):
+    """
+    The tool the model calls between <|python_start|> and <|python_end|>: plain arithmetic
+    (no power operator), or string counting such as 'strawberry'.count('r'). None when the
+    expression is not allowed or fails.
+    """
+    expr = expr.replace(",", "")
+    if not expr.strip() or len(expr) > CALCULATOR_MAX_CHARS:
+        return None
+    if set(expr) <= _ARITHMETIC_CHARS:
+        if "**" in expr:
+            return None
+        return eval_with_timeout(expr)
+    if not set(expr) <= _STRING_CHARS:
+        return None
+    lowered = expr.lower()
+    if any(word in lowered for word in _FORBIDDEN_WORDS) or ".count(" not in expr:
+        return None
+    return eval_with_timeout(expr)
+
+
+# -----------------------------------------------------------------------------
+# The Engine
+
+
+@dataclass
+class RowState:
+    """One sample's generation state: its tokens so far and the tool state machine."""
+    current_tokens: list
+    forced_tokens: deque = field(default_factory=deque)  # tool output still to be emitted, mask 0
+    in_python_block: bool = False
+    python_expr_tokens: list = field(default_factory=list)
+    completed: bool = False  # emitted <|assistant_end|> or <|bos|>
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _special_ids(self):
+        encode = self.tokenizer.encode_special
+        return dict(python_start=encode("<|python_start|>"), python_end=encode("<|python_end|>"),
+                    output_start=encode("<|output_start|>"), output_end=encode("<|output_end|>"),
+                    assistant_end=encode("<|assistant_end|>"), bos=self.tokenizer.get_bos_token_id())
+
+    def _new_cache(self, batch_size, seq_len, device):
+        config = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device)
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
+        """
+        Yield (token_column, token_masks) per step: one token per sample, mask 1 if it was sampled
+        and 0 if the tool forced it. A sample is complete once it emits <|assistant_end|> or
+        <|bos|>; the others go on, and the loop ends when all are complete or after max_tokens
+        steps (None: up to the model's sequence_len in total, and at least one step).
+        """
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of token ids (ints)")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_tokens is None:
+            max_tokens = max(1, self.model.config.sequence_len - len(tokens))
+        device = self.model.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        special = self._special_ids()
+
+        # Prefill the prompt once at batch 1, then give every sample its own copy of the cache.
+        prefill_cache = self._new_cache(1, len(tokens), device)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model.forward(ids, kv_cache=prefill_cache)[:, -1, :]
+        logits = logits.expand(num_samples, -1)  # each row samples its first token independently
+        decode_cache = self._new_cache(num_samples, len(tokens) + max_tokens, device)
+        decode_cache.prefill(prefill_cache)
+        del prefill_cache
+
+        rows = [RowState(list(tokens)) for _ in range(num_samples)]
+        for step in range(max_tokens):
+            sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()  # the one sync
+            token_column, token_masks = [], []
+            for row, sampled_token in zip(rows, sampled):
+                forced = bool(row.forced_tokens)
+                token = row.forced_tokens.popleft() if forced else sampled_token
+                token_column.append(token)
+                token_masks.append(0 if forced else 1)
+                row.current_tokens.append(token)
+                self._advance_tool_state(row, token, special)
+            yield token_column, token_masks
+            if all(row.completed for row in rows) or step == max_tokens - 1:
+                break
+            ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
+            logits = self.model.forward(ids, kv_cache=decode_cache)[:, -1, :]
+
+    def _advance_tool_state(self, row, token, special):
+        """After `token`: mark completion; run the calculator on <|python_end|> and queue its output."""
+        if token in (special["assistant_end"], special["bos"]):
+            row.completed = True
+        if token == special["python_start"]:
+            row.in_python_block, row.python_expr_tokens = True, []
+        elif token == special["python_end"] and row.in_python_block:
+            row.in_python_block = False
+            if row.python_expr_tokens:
+                result = use_calculator(self.tokenizer.decode(row.python_expr_tokens))
+                if result is not None:
+                    row.forced_tokens.append(special["output_start"])
+                    row.forced_tokens.extend(self.tokenizer.encode(str(result)))
+                    row.forced_tokens.append(special["output_end"])
+            row.python_expr_tokens = []
+        elif row.in_python_block:
+            row.python_expr_tokens.append(token)
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """
+        Run generate to the end. Returns (results, masks): per sample the prompt plus its generated
+        tokens without the terminating <|assistant_end|>/<|bos|>, and masks (0 for the prompt,
+        then 1 sampled / 0 forced per generated token).
+        """
+        special = self._special_ids()
+        stop = (special["assistant_end"], special["bos"])
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(token_column, token_masks)):
+                if completed[i]:
+                    continue
+                if token in stop:
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(completed):
+                break
+        return results, masks
+
+
+# -----------------------------------------------------------------------------
+# Self-test: naive generate and the Engine give the same greedy tokens
+
+
+def main():
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import autodetect_device_type, compute_init
+
+    device_type = os.environ.get("NANOCHAT_DEVICE_TYPE") or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    model, tokenizer, _ = load_model("base", device, phase="eval")
+    prompt = tokenizer.encode("The chemical formula of water is", prepend="<|bos|>")
+    kwargs = dict(max_tokens=64, temperature=0.0)
+
+    def timed(run):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.time()
+        out = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.time() - start
+
+    reference, reference_time = timed(lambda: list(model.generate(prompt, **kwargs)))
+    print(tokenizer.decode(reference))
+    print(f"Reference time: {reference_time:.2f}s")
+    engine = Engine(model, tokenizer)
+    generated, engine_time = timed(lambda: [column[0] for column, _ in engine.generate(prompt, num_samples=1, **kwargs)])
+    print(tokenizer.decode(generated))
+    print(f"Engine time: {engine_time:.2f}s")
+    same = generated == reference
+    print(f"Match: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    from nanochat.common import run_script
+
+    run_script(lambda: sys.exit(main()), "engine")

@@ -152,22 +152,25 @@ def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
-                            window_size=(-1, -1)):
+                            window_size=(-1, -1), cache_pos=None):
     """
     Attention for incremental decoding. k_cache/v_cache (B,T_max,Hkv,D) are updated IN PLACE:
     the new k/v (B,T_new,Hkv,D) are written at position cache_seqlens, then q (B,T_new,H,D)
     attends over the cache prefix [0, cache_seqlens + T_new). cache_seqlens is not advanced
     (the caller owns it). The SDPA fallback needs every row at the same position, which is
-    how the Engine uses it.
+    how the Engine uses it; cache_pos (ours, not FA3's) is that position when the caller knows
+    it on the host, which saves a device sync per layer.
     """
     if _use_fa3(q):
         out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=window_size)
         return out[0] if isinstance(out, tuple) else out
-    lowest, highest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()  # one device sync
-    if lowest != highest:
-        raise ValueError(f"the SDPA KV-cache path needs all rows at one position, got positions {lowest}..{highest}")
-    pos = lowest
+    if cache_pos is None:
+        lowest, highest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()  # one device sync
+        if lowest != highest:
+            raise ValueError(f"the SDPA KV-cache path needs all rows at one position, got positions {lowest}..{highest}")
+        cache_pos = lowest
+    pos = cache_pos
     T_new = 0 if k is None else k.size(1)
     if pos + T_new > k_cache.size(1):
         raise ValueError(f"KV cache overflow: {pos} cached + {T_new} new tokens > capacity {k_cache.size(1)}")

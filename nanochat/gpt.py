@@ -136,7 +136,8 @@ class CausalSelfAttention(nn.Module):
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
                                                    cache_seqlens=kv_cache.cache_seqlens,
-                                                   causal=True, window_size=window_size)
+                                                   causal=True, window_size=window_size,
+                                                   cache_pos=kv_cache.get_pos())
             if self.layer_idx == kv_cache.n_layers - 1:
                 kv_cache.advance(T)  # every layer has written its k/v for these T positions
 
