@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything nanochat needs in ./.venv, idempotently:
 #   uv (from PyPI if missing) -> .venv -> torch (CUDA build on a GPU box, CPU build otherwise)
-#   -> nanochat and its dependencies -> the Rust crate rustbpe/ built by maturin.
+#   -> nanochat and its dependencies -> the Rust crate rustbpe/ built by maturin
+#   -> Debian's chromium for the web UI test (as root where apt-get exists; else that test skips).
 # Called by dev/runcpu.sh, speedrun.sh and dev/run_tests.sh; safe to re-run.
 #
 #   bash dev/install.sh            # runtime + test dependencies
@@ -72,5 +73,17 @@ uv_pip install --quiet -e ".[$EXTRAS]"
 
 # --- rustbpe (Rust crate -> Python module) ----------------------------------------------
 bash dev/build_rustbpe.sh "$PY"
+
+# --- chromium (only for the web UI test: playwright drives Debian's browser) --------------
+if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        log "installing Debian's chromium for the web UI test"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+            log "could not install chromium; the web UI test will skip"
+        fi
+    else
+        log "no /usr/bin/chromium and no apt-get as root to install it; the web UI test will skip"
+    fi
+fi
 
 log "done: activate with 'source .venv/bin/activate'"
