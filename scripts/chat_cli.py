@@ -1,0 +1,206 @@
+"""
+Chat with a trained model in the terminal. Answers stream as they are generated.
+
+Run it (one process; CUDA, MPS or CPU):
+    python -m scripts.chat_cli                                  # the SFT model (largest tag, last step)
+    python -m scripts.chat_cli -i mid -g d20 -t 0.7 -k 40       # another phase, tag and sampling
+    python -m scripts.chat_cli -i sft -p "Why is the sky blue?" # answer one prompt, then exit
+    python -m scripts.chat_cli -i base --device-type cpu        # on CPU
+    NANOCHAT_DTYPE=float32 python -m scripts.chat_cli           # the compute dtype comes from NANOCHAT_DTYPE
+
+At the "User:" prompt type a message and press Enter. `clear` starts a new conversation;
+`quit`, `exit`, Ctrl-D or Ctrl-C end the program. Each answer is at most 256 tokens.
+
+Reads $NANOCHAT_BASE_DIR/<phase>_checkpoints/<model-tag>/ and $NANOCHAT_BASE_DIR/tokenizer/.
+Writes nothing.
+"""
+
+import argparse
+import os
+
+from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step, load_model
+from nanochat.common import MissingInputError, autodetect_device_type, compute_init, parse_flags, run_script
+from nanochat.engine import Engine
+
+MAX_ANSWER_TOKENS = 256
+# The script that writes each phase's checkpoints, named when one is missing.
+PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
+                 "rl": "scripts.chat_rl"}
+QUIT_COMMANDS = ("quit", "exit")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Chat with a trained model in the terminal",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=list(PHASE_SCRIPTS),
+                        help="which phase's model to load")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory (None = the largest model)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (None = the last one)")
+    parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit (empty = interactive)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    return parse_flags(parser, argv)
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def _has_checkpoint(source, model_tag):
+    checkpoints_dir = checkpoints_dir_for(source)
+    try:
+        tag = model_tag or find_largest_model(checkpoints_dir)
+        find_last_step(os.path.join(checkpoints_dir, tag))
+    except MissingInputError:
+        return False
+    return True
+
+
+def load_chat_model(source, device, model_tag=None, step=None):
+    """load_model, except that a missing checkpoint says which phase writes it."""
+    try:
+        return load_model(source, device, phase="eval", model_tag=model_tag, step=step)
+    except MissingInputError:
+        if _has_checkpoint(source, model_tag):
+            raise  # the checkpoint is there; something else (a step, the tokenizer) is missing
+        where = checkpoints_dir_for(source)
+        if model_tag:
+            where = os.path.join(where, model_tag)
+        others = [other for other in PHASE_SCRIPTS if other != source and _has_checkpoint(other, None)]
+        alternative = f", or pass -i {others[-1]}" if others else ""
+        raise MissingInputError(f"no {source} checkpoint in {where}: run {PHASE_SCRIPTS[source]} first{alternative}") from None
+
+
+# -----------------------------------------------------------------------------
+# Streaming text
+
+
+class TextStream:
+    """
+    Turns token ids, one at a time, into text to print. A token can end in the middle of a
+    multi-byte UTF-8 character (an emoji is often split over two or more tokens), and decoding it
+    alone gives U+FFFD. So we decode everything pushed so far and hand out only the new suffix,
+    holding it back while the text ends in U+FFFD (an incomplete character).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.printed_chars = 0
+
+    def push(self, token_id):
+        """Add one token; returns the text that is now complete ('' while a character is unfinished)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._take(text)
+
+    def flush(self):
+        """Whatever is still held back (an unfinished character decodes to U+FFFD here)."""
+        return self._take(self.tokenizer.decode(self.ids))
+
+    def _take(self, text):
+        piece = text[self.printed_chars:]
+        self.printed_chars = len(text)
+        return piece
+
+
+# -----------------------------------------------------------------------------
+# The conversation
+
+
+class Conversation:
+    """The token history of one chat (it starts with <|bos|>) and how a turn extends it."""
+
+    def __init__(self, engine, tokenizer, temperature, top_k):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.sampling = dict(temperature=temperature, top_k=top_k)
+        special = tokenizer.encode_special
+        self.bos = tokenizer.get_bos_token_id()
+        self.user_start, self.user_end = special("<|user_start|>"), special("<|user_end|>")
+        self.assistant_start, self.assistant_end = special("<|assistant_start|>"), special("<|assistant_end|>")
+        self.tokens = [self.bos]
+
+    def clear(self):
+        self.tokens = [self.bos]
+
+    def answer(self, user_text, write):
+        """Append the user's message, stream the answer through write(text), and keep it in the history."""
+        turn = [self.user_start, *self.tokenizer.encode(user_text), self.user_end, self.assistant_start]
+        # Positions past the model's rotary table cannot be computed at all.
+        room = self.engine.model.rotary_seq_len - len(self.tokens) - len(turn)
+        if room < 1:
+            write(f"(the conversation fills the model's {self.engine.model.rotary_seq_len} positions: "
+                  "type 'clear' to start a new one)")
+            return
+        self.tokens += turn
+        stream = TextStream(self.tokenizer)
+        answer = []
+        for token_column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=min(MAX_ANSWER_TOKENS, room),
+                                                    **self.sampling):
+            token = token_column[0]
+            answer.append(token)
+            if token in (self.assistant_end, self.bos):  # the end of the answer, not part of its text
+                break
+            write(stream.push(token))
+        write(stream.flush())
+        # Every assistant turn in the history ends with <|assistant_end|>, as in training, also
+        # when the answer was cut at the token limit.
+        if answer[-1] != self.assistant_end:
+            answer.append(self.assistant_end)
+        self.tokens += answer
+
+
+def write_now(text):
+    if text:
+        print(text, end="", flush=True)
+
+
+def ask_and_answer(conversation, user_text):
+    print("\nAssistant: ", end="", flush=True)
+    conversation.answer(user_text, write_now)
+    print()
+
+
+def interact(conversation):
+    print("\nnanochat interactive mode")
+    print("-" * 50)
+    print("Type 'quit' or 'exit' (or press Ctrl-D) to end the conversation")
+    print("Type 'clear' to start a new conversation")
+    print("-" * 50)
+    while True:
+        try:
+            user_text = input("\nUser: ").strip()
+        except EOFError:
+            break
+        if user_text.lower() in QUIT_COMMANDS:
+            break
+        if user_text.lower() == "clear":
+            conversation.clear()
+            print("Conversation cleared.")
+            continue
+        if user_text:
+            ask_and_answer(conversation, user_text)
+    print("\nGoodbye!")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device_type = args.device_type or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    model, tokenizer, _ = load_chat_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    conversation = Conversation(Engine(model, tokenizer), tokenizer, args.temperature, args.top_k)
+    try:
+        if args.prompt:
+            ask_and_answer(conversation, args.prompt)
+        else:
+            interact(conversation)
+    except KeyboardInterrupt:  # Ctrl-C, at the prompt or mid-answer: leave quietly
+        print("\nGoodbye!")
+
+
+if __name__ == "__main__":
+    run_script(main, "chat_cli")
