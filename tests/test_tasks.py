@@ -1,14 +1,35 @@
 """
 tasks/: the slice view of Task, TaskMixture's deterministic shuffle and oversampling,
-TaskSequence's order, the multiple-choice prompt, and CustomJSON's line-by-line validation.
+TaskSequence's order, the multiple-choice prompt, CustomJSON's line-by-line validation; the hub
+loader against a local HTTP server; and every concrete task (ARC, MMLU, GSM8K, HumanEval,
+SmolTalk, SpellingBee, SimpleSpelling) on tiny local copies of its data, down to the tokens and
+training mask render_conversation makes of each conversation. No test touches the network.
 """
 
+import http.server
+import io
 import json
+import os
+import random
+import threading
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from conftest import free_port
+from nanochat.common import MissingInputError
+from tasks import hub, spellingbee
+from tasks.arc import ARC
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K, answer_parts, extract_answer
+from tasks.hub import load_hub_dataset, task_data_dir
+from tasks.humaneval import HumanEval, build_program, extract_imports, extract_program
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee, spelling_parts
 
 
 class Numbers(Task):
@@ -91,21 +112,6 @@ def test_customjson_missing_file_is_an_empty_task_with_a_warning(tmp_path, capsy
 
 # -----------------------------------------------------------------------------
 # The hub loader: parquet shards listed by the hub API, downloaded once, read locally
-
-import http.server
-import io
-import os
-import threading
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from conftest import free_port
-from nanochat.common import MissingInputError
-from tasks import hub
-from tasks.hub import load_hub_dataset, task_data_dir
-
 
 def parquet_bytes(rows):
     buffer = io.BytesIO()
@@ -213,15 +219,18 @@ def test_hub_split_is_downloaded_once_in_listing_order_then_read_without_network
         ds[10]
 
 
+# datasets 5.2.0: Dataset.from_list([{"x": i} for i in range(12)]).shuffle(seed=42)["x"]
+DATASETS_SHUFFLE_42_OF_12 = [0, 7, 6, 9, 11, 3, 5, 2, 4, 10, 1, 8]
+
+
 def test_shuffle_is_the_numpy_permutation_that_datasets_uses(base_dir):
     rows = [{"x": i} for i in range(50)]
-    write_split("org/data", "default", "train", rows, shard_size=20)
+    write_split("org/data", "default", "train", rows, shard_size=20)  # 3 shards, read as one table
     shuffled = load_hub_dataset("org/data", "default", "train").shuffle(seed=42)
-    permutation = np.random.default_rng(42).permutation(50)
-    assert [shuffled[i]["x"] for i in range(50)] == list(permutation)
-    datasets = pytest.importorskip("datasets")
-    reference = datasets.Dataset.from_list(rows).shuffle(seed=42)
-    assert [shuffled[i]["x"] for i in range(50)] == [reference[i]["x"] for i in range(50)]
+    assert [shuffled[i]["x"] for i in range(50)] == list(np.random.default_rng(42).permutation(50))
+    write_split("org/data", "default", "small", rows[:12])
+    small = load_hub_dataset("org/data", "default", "small").shuffle(seed=42)
+    assert [small[i]["x"] for i in range(12)] == DATASETS_SHUFFLE_42_OF_12
 
 
 def test_no_hub_and_no_local_copy_is_one_error_naming_the_offline_builder(base_dir, capsys):
@@ -257,3 +266,241 @@ def test_a_local_substitute_says_so_when_loaded(base_dir, capsys):
     write_split("org/data", "main", "train", ROWS, provenance={"substitute": "rows 0-9 of the test split"})
     assert len(load_hub_dataset("org/data", "main", "train")) == 10
     assert "org/data main/train: offline substitute, not the hub's data: rows 0-9 of the test split" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# The concrete tasks on tiny local copies (no network)
+
+ARC_ROWS = [
+    {"id": "Mercury_1", "question": "Which animal is a mammal?",
+     "choices": {"text": ["shark", "whale", "trout"], "label": ["A", "B", "C"]}, "answerKey": "B"},
+    {"id": "NYSEDREGENTS_2", "question": "Which is a gas at room temperature?",
+     "choices": {"text": ["iron", "water", "oxygen", "salt"], "label": ["1", "2", "3", "4"]}, "answerKey": "3"},
+]
+MMLU_ROWS = [
+    {"question": "2+2=?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "22"], "answer": 1},
+    {"question": "H2O is?", "subject": "high_school_chemistry", "choices": ["salt", "acid", "water", "gold"], "answer": 2},
+]
+GSM8K_ANSWER = ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n"
+                "Working 50 minutes, she earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10")
+GSM8K_ROWS = [{"question": "Weng earns $12 an hour for babysitting. Yesterday she did 50 minutes. How much did she earn?",
+               "answer": GSM8K_ANSWER}]
+HUMANEVAL_ROWS = [{
+    "task_id": "HumanEval/0",
+    "prompt": 'from typing import List\nimport math\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n',
+    "canonical_solution": "    return sum(xs)\n",
+    "test": "\n\ndef check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n",
+    "entry_point": "total",
+}]
+SMOLTALK_ROWS = [
+    {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks"},
+                  {"role": "assistant", "content": "You're welcome."}]},
+]
+WORDS = ["apple", "banana", "cherry", "kiwi", "strawberry"]
+
+
+@pytest.fixture
+def task_copies(base_dir):
+    """Local copies of every task's data, as the loader or the offline builder leaves them."""
+    for subset in ("ARC-Easy", "ARC-Challenge"):
+        write_split("allenai/ai2_arc", subset, "test", ARC_ROWS)
+    write_split("cais/mmlu", "all", "test", MMLU_ROWS)
+    write_split("cais/mmlu", "all", "auxiliary_train", [{"train": row} for row in MMLU_ROWS])
+    write_split("openai/gsm8k", "main", "test", GSM8K_ROWS)
+    write_split("openai/openai_humaneval", "openai_humaneval", "test", HUMANEVAL_ROWS)
+    write_split("HuggingFaceTB/smol-smoltalk", "default", "train", SMOLTALK_ROWS)
+    (base_dir / "words_alpha.txt").write_text("\r\n".join(WORDS) + "\r\n")  # dwyl's file has CRLF line ends
+    return base_dir
+
+
+def by_question(task, needle):
+    return next(task[i] for i in range(len(task)) if needle in task[i]["messages"][0]["content"])
+
+
+def test_arc_renders_multiple_choice_with_the_dataset_labels(task_copies):
+    task = ARC("ARC-Challenge", "test")
+    assert len(task) == 2 and task.eval_type == "categorical"
+    mammal = by_question(task, "mammal")
+    assert mammal["messages"] == [
+        {"role": "user", "content": "Multiple Choice question: Which animal is a mammal?\n- shark=A\n- whale=B\n- trout=C\n\n"
+                                    "Respond only with the letter of the correct answer."},
+        {"role": "assistant", "content": "B"}]
+    assert mammal["letters"] == ["A", "B", "C"]
+    gas = by_question(task, "gas")
+    assert "- oxygen=3\n" in gas["messages"][0]["content"] and gas["messages"][1]["content"] == "3"
+    assert task.evaluate(mammal, "B") is True and task.evaluate(mammal, "A") is False
+    with pytest.raises(ValueError, match="not one of"):
+        task.evaluate(mammal, "D")
+    with pytest.raises(ValueError, match="subset"):
+        ARC("ARC-Hard", "test")
+
+
+def test_mmlu_renders_letters_a_to_d_and_unwraps_auxiliary_train(task_copies):
+    task = MMLU("all", "test")
+    water = by_question(task, "H2O")
+    assert water["messages"][0]["content"] == ("Multiple Choice question: H2O is?\n- salt=A\n- acid=B\n- water=C\n- gold=D\n\n"
+                                               "Respond only with the letter of the correct answer.")
+    assert water["messages"][1]["content"] == "C" and water["subject"] == "high_school_chemistry"
+    assert water["letters"] == ("A", "B", "C", "D")
+    assert task.evaluate(water, "C") is True and task.evaluate(water, "B") is False
+    with pytest.raises(ValueError):
+        task.evaluate(water, "E")
+    # the older spelling reads the same local copy as subset "all", split "auxiliary_train"
+    old, new = MMLU("auxiliary_train", "train"), MMLU("all", "auxiliary_train")
+    assert [old[i] for i in range(2)] == [new[i] for i in range(2)]
+    assert sorted(new[i]["messages"][1]["content"] for i in range(2)) == ["B", "C"]
+    with pytest.raises(ValueError, match="splits"):
+        MMLU("auxiliary_train", "test")
+
+
+def test_gsm8k_turns_calculator_markers_into_python_and_output_parts(task_copies):
+    task = GSM8K("main", "test")
+    example = task[0]
+    assert example["messages"][0] == {"role": "user", "content": GSM8K_ROWS[0]["question"]}
+    assert example["messages"][1]["content"] == [
+        {"type": "text", "text": "Weng earns 12/60 = $"},
+        {"type": "python", "text": "12/60"},
+        {"type": "python_output", "text": "0.2"},
+        {"type": "text", "text": "0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = $"},
+        {"type": "python", "text": "0.2*50"},
+        {"type": "python_output", "text": "10"},
+        {"type": "text", "text": "10.\n#### 10"},
+    ]
+    assert task.evaluate(example, "so she earned $10.\n#### 10") == 1
+    assert task.evaluate(example, "#### 11") == 0 and task.evaluate(example, "ten dollars") == 0
+    assert task.reward(example, "#### 10") == 1.0 and task.reward(example, "#### 9") == 0.0
+
+
+def test_gsm8k_answer_extraction_and_marker_edge_cases():
+    assert extract_answer("a\n#### 1,234") == "1234"
+    assert extract_answer("#### -3.5 dollars") == "-3.5"
+    assert extract_answer("the answer is 7") is None
+    assert answer_parts("x <<a=b=3>> y") == [{"type": "text", "text": "x "}, {"type": "python", "text": "a=b"},
+                                           {"type": "python_output", "text": "3"}, {"type": "text", "text": " y"}]
+    assert answer_parts("<<2+2>>") == [{"type": "text", "text": ""}, {"type": "python", "text": "2+2"},
+                                       {"type": "python_output", "text": ""}, {"type": "text", "text": ""}]
+
+
+def test_humaneval_conversation_and_program(task_copies):
+    task = HumanEval()
+    example = task[0]
+    row = HUMANEVAL_ROWS[0]
+    assert example["messages"] == [{"role": "user", "content": row["prompt"]},
+                                   {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]}]
+    assert example["entry_point"] == "total" and example["test"] == row["test"]
+    assert extract_imports(row["prompt"]) == "from typing import List\nimport math"
+    assert extract_program("Here:\n```python\ndef f():\n    return 1\n```\nand ```\nother\n```") == "def f():\n    return 1"
+    assert extract_program("  def f(): pass \n") == "def f(): pass"
+    completion = "```python\ndef total(xs):\n    return sum(xs)\n```"
+    assert build_program(example, completion) == (
+        "from typing import List\nimport math\n\ndef total(xs):\n    return sum(xs)\n\n" + row["test"] + "\ncheck(total)")
+
+
+def test_humaneval_evaluate_runs_the_tests_in_the_sandbox(task_copies):
+    task = HumanEval()
+    example = task[0]
+    assert task.evaluate(example, "```python\ndef total(xs: List[int]) -> int:\n    return math.fsum(xs)\n```") is True
+    assert task.evaluate(example, "def total(xs):\n    return 0") is False
+
+
+def test_smoltalk_keeps_messages_as_they_are_with_an_optional_system_message(task_copies):
+    task = SmolTalk("train")
+    conversations = sorted((task[i] for i in range(len(task))), key=lambda c: len(c["messages"]))
+    assert conversations == [{"messages": row["messages"]} for row in SMOLTALK_ROWS]
+    write_split("HuggingFaceTB/smol-smoltalk", "default", "test",
+                [{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}])
+    with pytest.raises(ValueError, match="SmolTalk test example 0: message 0 has role 'assistant'"):
+        SmolTalk("test")[0]
+
+
+def test_spelling_parts_spell_count_and_check_with_python():
+    parts = spelling_parts("abca", "a")
+    assert parts == [
+        {"type": "text", "text": "We are asked to find the number 'a' in the word 'abca'. Let me try a manual approach first.\n\n"
+                                 "First spell the word out:\nabca:a,b,c,a\n\nThen count the occurrences of 'a':\n"
+                                 "1:a hit! count=1\n2:b\n3:c\n4:a hit! count=2\n\nThis gives us 2."},
+        {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+        {"type": "python", "text": "'abca'.count('a')"},
+        {"type": "python_output", "text": "2"},
+        {"type": "text", "text": "\n\nPython gives us 2.\n\nMy final answer is:\n\n#### 2"},
+    ]
+    assert spelling_parts("xyz", "q")[3]["text"] == "0"
+
+
+def reference_spelling_question(seed):
+    """SpellingBee's user message, drawn from random.Random(seed) in the documented order."""
+    rng = random.Random(seed)
+    word = rng.choice(WORDS)
+    letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(spellingbee.LETTERS)
+    template = rng.choice(spellingbee.USER_MSG_TEMPLATES)
+    if rng.random() < 0.3:
+        template = template.lower()
+    letter_quote, word_quote = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+    message = template.format(letter=letter_quote + letter + letter_quote, word=word_quote + word + word_quote)
+    return word, letter, message + ("?" if rng.random() < 0.5 else "")
+
+
+def test_spellingbee_examples_are_fixed_by_the_index_and_split(task_copies):
+    train, test = SpellingBee(size=20, split="train"), SpellingBee(size=5, split="test")
+    assert train.words == WORDS and len(train) == 20 and len(spellingbee.USER_MSG_TEMPLATES) == 51
+    for task, offset in ((train, 0), (test, 10_000_000)):
+        for index in range(len(task)):
+            word, letter, question = reference_spelling_question(offset + index)
+            example = task[index]
+            assert example["messages"][0] == {"role": "user", "content": question}
+            assert example["messages"][1]["content"] == spelling_parts(word, letter)
+            assert task.evaluate(example, f"... #### {word.count(letter)}") == 1
+            assert task.reward(example, f"#### {word.count(letter) + 1}") == 0.0
+    assert train[3] == SpellingBee(size=20, split="train")[3]
+    assert [train[i] for i in range(5)] != [test[i] for i in range(5)]
+
+
+def test_simple_spelling_spells_words_from_its_own_shuffle(task_copies):
+    task = SimpleSpelling(size=10, split="train")
+    shuffled = list(WORDS)
+    random.Random(42).shuffle(shuffled)
+    for index in range(10):
+        word = random.Random(index).choice(shuffled)
+        assert task[index]["messages"] == [{"role": "user", "content": f"Spell the word: {word}"},
+                                           {"role": "assistant", "content": f"{word}:{','.join(word)}"}]
+
+
+def test_spellingbee_without_word_list_or_internet_names_the_offline_builder(base_dir, monkeypatch):
+    monkeypatch.setattr(spellingbee, "WORD_LIST_URL", f"http://127.0.0.1:{free_port()}/words_alpha.txt")
+    with pytest.raises(MissingInputError, match=r"python -m dev\.offline_data tasks"):
+        SpellingBee()
+
+
+def trained_text(conversation):
+    """What the model is trained to produce: assistant text and tool calls, never the tool's output."""
+    pieces = []
+    for message in conversation["messages"]:
+        if message["role"] != "assistant":
+            continue
+        parts = [{"type": "text", "text": message["content"]}] if isinstance(message["content"], str) else message["content"]
+        for part in parts:
+            if part["type"] == "text":
+                pieces.append(part["text"])
+            elif part["type"] == "python":
+                pieces.append(f"<|python_start|>{part['text']}<|python_end|>")
+        pieces.append("<|assistant_end|>")
+    return "".join(pieces)
+
+
+def test_every_task_renders_to_tokens_whose_mask_covers_exactly_the_assistant_output(task_copies, tiny_tokenizer):
+    tasks = [ARC("ARC-Easy", "test"), MMLU("all", "test"), MMLU("all", "auxiliary_train"), GSM8K("main", "test"),
+             HumanEval(), SmolTalk("train"), SpellingBee(size=3), SimpleSpelling(size=3)]
+    for task in tasks:
+        for index in range(len(task)):
+            conversation = task[index]
+            ids, mask = tiny_tokenizer.render_conversation(conversation, max_tokens=100_000)
+            assert len(ids) == len(mask) and ids[0] == tiny_tokenizer.get_bos_token_id()
+            assert tiny_tokenizer.decode([t for t, m in zip(ids, mask) if m]) == trained_text(conversation), type(task).__name__
+            untrained = tiny_tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+            for message in conversation["messages"]:  # user turns (a system message too) and tool outputs
+                parts = message["content"] if isinstance(message["content"], list) else []
+                if message["role"] != "assistant":
+                    assert message["content"] in untrained
+                assert all(p["text"] in untrained for p in parts if p["type"] == "python_output")

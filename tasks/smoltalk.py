@@ -1,0 +1,37 @@
+"""
+SmolTalk (https://huggingface.co/datasets/HuggingFaceTB/smol-smoltalk), the "smol" version of
+HuggingFace's general chat data, sized for small models: train (~460K conversations) and test
+(~24K). Each row's `messages` is used as is: an optional system message (render_conversation
+folds it into the first user turn), then at least two strictly alternating user / assistant
+messages with string contents. Training only; no evaluation.
+"""
+
+from tasks.common import Task
+from tasks.customjson import conversation_problem
+from tasks.hub import load_hub_dataset
+
+SPLITS = ("train", "test")
+
+
+class SmolTalk(Task):
+    def __init__(self, split, **kwargs):
+        super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise ValueError(f"SmolTalk split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.split = split
+        self.ds = load_hub_dataset("HuggingFaceTB/smol-smoltalk", "default", split).shuffle(seed=42)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        messages = self.ds[index]["messages"]
+        has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        problem = conversation_problem(messages[1:] if has_system else messages)
+        if problem:
+            raise ValueError(f"SmolTalk {self.split} example {index}: {problem}")
+        return {"messages": messages}
