@@ -167,6 +167,14 @@ class Block(nn.Module):
         return x
 
 
+def _uninitialized_embedding(num_embeddings, dim, dtype):
+    """
+    nn.Embedding without its own random init: init_weights sets every weight anyway, and
+    normal_ on the meta device (where models are built) imports torch._dynamo, ~4 s per process.
+    """
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim, dtype=dtype))
+
+
 class GPT(nn.Module):
     def __init__(self, config, pad_vocab_size_to=64):
         super().__init__()
@@ -188,18 +196,23 @@ class GPT(nn.Module):
         head_dim = C // config.n_head
         kv_dim = config.n_kv_head * head_dim
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(padded_vocab_size, C, dtype=self.embedding_dtype),
+            "wte": _uninitialized_embedding(padded_vocab_size, C, self.embedding_dtype),
             "h": nn.ModuleList([Block(config, i) for i in range(L)]),
         })
         self.lm_head = Linear(C, padded_vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(padded_vocab_size, kv_dim, dtype=self.embedding_dtype)
+            str(i): _uninitialized_embedding(padded_vocab_size, kv_dim, self.embedding_dtype)
             for i in range(L) if has_ve(i, L)
         })
         self.rotary_seq_len = config.sequence_len * ROTARY_CACHE_MULTIPLE
-        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        if self.transformer.wte.weight.is_meta:
+            # Only shapes on the meta device (arange there imports torch._dynamo, ~4 s); init_weights fills them.
+            shape = (1, self.rotary_seq_len, 1, head_dim // 2)
+            cos, sin = torch.empty(shape, dtype=self.compute_dtype), torch.empty(shape, dtype=self.compute_dtype)
+        else:
+            cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         # Not persistent: derived data, recomputed on the real device in init_weights.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -377,7 +390,10 @@ class GPT(nn.Module):
         x = norm(x)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if torch.is_grad_enabled():
+            logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        else:  # same values in place: at decode time fresh buffers for each op cost more than the math
+            logits = logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
