@@ -400,6 +400,37 @@ class HuggingFaceTokenizer(ConversationRendering):
 
 
 # -----------------------------------------------------------------------------
+# Streaming text out of generated ids
+
+
+class IncrementalDecoder:
+    """
+    Text of a growing list of token ids, piece by piece, never splitting a character: byte-level
+    BPE tokens can end inside a multi-byte UTF-8 character (emoji, CJK), which decodes to U+FFFD
+    until the rest arrives. So decode the whole list each time and emit only once the text does
+    not end in U+FFFD, the new suffix since the last emitted text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, token_id):
+        """Add one token; returns the text that is now complete ('' while a character is unfinished)."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def flush(self):
+        """What is left at the end, even an incomplete character (as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.text = text[len(self.text):], text
+        return new
+
+
+# -----------------------------------------------------------------------------
 # Helpers for the rest of the pipeline
 
 

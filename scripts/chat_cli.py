@@ -21,6 +21,7 @@ import os
 from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step, load_model
 from nanochat.common import MissingInputError, autodetect_device_type, compute_init, parse_flags, run_script
 from nanochat.engine import Engine
+from nanochat.tokenizer import IncrementalDecoder
 
 MAX_ANSWER_TOKENS = 256
 # The script that writes each phase's checkpoints, named when one is missing.
@@ -73,41 +74,6 @@ def load_chat_model(source, device, model_tag=None, step=None):
 
 
 # -----------------------------------------------------------------------------
-# Streaming text
-
-
-class TextStream:
-    """
-    Turns token ids, one at a time, into text to print. A token can end in the middle of a
-    multi-byte UTF-8 character (an emoji is often split over two or more tokens), and decoding it
-    alone gives U+FFFD. So we decode everything pushed so far and hand out only the new suffix,
-    holding it back while the text ends in U+FFFD (an incomplete character).
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = []
-        self.printed_chars = 0
-
-    def push(self, token_id):
-        """Add one token; returns the text that is now complete ('' while a character is unfinished)."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._take(text)
-
-    def flush(self):
-        """Whatever is still held back (an unfinished character decodes to U+FFFD here)."""
-        return self._take(self.tokenizer.decode(self.ids))
-
-    def _take(self, text):
-        piece = text[self.printed_chars:]
-        self.printed_chars = len(text)
-        return piece
-
-
-# -----------------------------------------------------------------------------
 # The conversation
 
 
@@ -137,7 +103,7 @@ class Conversation:
                   "type 'clear' to start a new one)")
             return
         self.tokens += turn
-        stream = TextStream(self.tokenizer)
+        stream = IncrementalDecoder(self.tokenizer)
         answer = []
         for token_column, _ in self.engine.generate(self.tokens, num_samples=1, max_tokens=min(MAX_ANSWER_TOKENS, room),
                                                     **self.sampling):
@@ -145,7 +111,7 @@ class Conversation:
             answer.append(token)
             if token in (self.assistant_end, self.bos):  # the end of the answer, not part of its text
                 break
-            write(stream.push(token))
+            write(stream.add(token))
         write(stream.flush())
         # Every assistant turn in the history ends with <|assistant_end|>, as in training, also
         # when the answer was cut at the token limit.

@@ -46,6 +46,7 @@ import nanochat
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS, checkpoints_dir_for, find_largest_model, load_model
 from nanochat.common import ConfigError, autodetect_device_type, compute_init, parse_flags, run_script
 from nanochat.engine import Engine
+from nanochat.tokenizer import IncrementalDecoder
 from scripts import chat_web_api as api
 
 logger = logging.getLogger("chat_web")
@@ -161,32 +162,6 @@ class WorkerPool:
 
 # -----------------------------------------------------------------------------
 # Generation: the Engine in a worker's thread, text pieces on the event loop
-
-
-class IncrementalDecoder:
-    """
-    Text of a growing list of token ids, piece by piece, never splitting a character: byte-level
-    BPE tokens can end inside a multi-byte UTF-8 character (emoji, CJK), which decodes to U+FFFD
-    until the rest arrives. So decode the whole list each time and emit only once the text does
-    not end in U+FFFD, the new suffix since the last emitted text.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def add(self, token_id):
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.text = text[len(self.text):], text
-        return new
-
-    def flush(self):
-        """What is left at the end, even an incomplete character (as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids)
-        new, self.text = text[len(self.text):], text
-        return new
 
 
 @dataclass

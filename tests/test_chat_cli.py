@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO_ROOT, child_env
 from scripts import chat_cli
-from scripts.chat_cli import TextStream
+from nanochat.tokenizer import IncrementalDecoder
 
 CHAT_CMD = ["-m", "scripts.chat_cli", "-i", "base", "-g", "for_loss", "--device-type", "cpu"]
 TIMEOUT = 90  # seconds for any one expected line; a turn takes under a second, start-up ~5-10 s
@@ -114,7 +114,7 @@ def test_missing_checkpoint_is_one_line_naming_the_phase_to_run(chats):
 
 
 class CountingDecoder:
-    """The tokenizer surface TextStream uses, over byte-level ids: decode(ids) as tiktoken does it."""
+    """The tokenizer surface IncrementalDecoder uses, over byte-level ids: decode(ids) as tiktoken does it."""
 
     def decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")
@@ -124,8 +124,8 @@ def test_text_stream_never_splits_a_utf8_character(tiny_tokenizer):
     text = "héllo 😀 东京"
     for tokenizer, ids in [(CountingDecoder(), list(text.encode("utf-8"))),  # one byte per id: every split
                            (tiny_tokenizer, tiny_tokenizer.encode(text))]:
-        stream = TextStream(tokenizer)
-        pieces = [stream.push(token_id) for token_id in ids]
+        stream = IncrementalDecoder(tokenizer)
+        pieces = [stream.add(token_id) for token_id in ids]
         pieces.append(stream.flush())
         assert all("\ufffd" not in piece for piece in pieces), pieces
         assert "".join(pieces) == tokenizer.decode(ids) == text

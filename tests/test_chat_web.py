@@ -24,6 +24,7 @@ import uvicorn
 
 from conftest import REPO_ROOT, child_env, free_port
 from nanochat.common import ConfigError, MissingInputError
+from nanochat.tokenizer import IncrementalDecoder
 from scripts import chat_web
 from scripts.chat_web_api import StopScanner
 
@@ -197,7 +198,7 @@ def test_incremental_decoder_never_splits_multibyte_characters(tiny_tokenizer):
     text = "héllo 😀 东京 and more 🙂"
     ids = tiny_tokenizer.encode(text)
     assert any(tiny_tokenizer.decode([i]).endswith("\ufffd") for i in ids), "the tokenizer must split some character"
-    decoder = chat_web.IncrementalDecoder(tiny_tokenizer)
+    decoder = IncrementalDecoder(tiny_tokenizer)
     pieces = [decoder.add(token) for token in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + decoder.flush() == tiny_tokenizer.decode(ids) == text
@@ -206,7 +207,7 @@ def test_incremental_decoder_never_splits_multibyte_characters(tiny_tokenizer):
 
 def test_incremental_decoder_flushes_an_incomplete_tail(tiny_tokenizer):
     ids = tiny_tokenizer.encode("ok 😀")[:-1]  # the emoji's last byte never comes
-    decoder = chat_web.IncrementalDecoder(tiny_tokenizer)
+    decoder = IncrementalDecoder(tiny_tokenizer)
     streamed = "".join(decoder.add(token) for token in ids)
     assert not streamed.endswith("\ufffd")
     assert streamed + decoder.flush() == tiny_tokenizer.decode(ids)
