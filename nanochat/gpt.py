@@ -283,6 +283,11 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty, allocating by shape: empty_like of a meta tensor goes through a Python
+        reference op that imports sympy (~2 s per process); every tensor here is contiguous."""
+        return self._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), recurse=recurse)
+
     # -------------------------------------------------------------------------
     # Accounting
 
