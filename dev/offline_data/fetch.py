@@ -37,6 +37,36 @@ def _run(command, cwd=None):
         raise SourceUnavailable(f"`{' '.join(command[-3:])}` failed: {last_line}")
 
 
+def _normalized(name):
+    """A distribution name as archive file names spell it (PEP 625 / wheel names)."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _pip_download(requirement, cache_dir, patterns, pip_args):
+    """
+    The first file in cache_dir matching one of the glob patterns, else `pip download` it (no
+    deps) into a staging directory beside it and move the archive into place.
+    """
+    def find(directory):
+        return [path for pattern in patterns for path in sorted(glob.glob(os.path.join(directory, pattern)))]
+
+    cached = find(cache_dir)
+    if cached:
+        return cached[0]
+    os.makedirs(cache_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{requirement.split('==')[0]}-", dir=cache_dir)
+    try:
+        _run(_pip_command() + ["download", "--quiet", "--no-deps", *pip_args, "-d", staging, requirement])
+        archives = find(staging)
+        if not archives:
+            raise SourceUnavailable(f"pip download {requirement} produced no {' or '.join(patterns)}")
+        target = os.path.join(cache_dir, os.path.basename(archives[0]))
+        os.replace(archives[0], target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def fetch_sdist(requirement, cache_dir, extra_pip_args=()):
     """
     Path of the sdist archive of `name==version` in cache_dir, downloading it with pip if missing.
@@ -44,24 +74,16 @@ def fetch_sdist(requirement, cache_dir, extra_pip_args=()):
     """
     name, version = requirement.split("==")
     # sdists are named "<name>-<version>.tar.gz", newer ones with the normalized name (PEP 625)
-    spellings = {name, re.sub(r"[-_.]+", "_", name).lower()}
-    archive_names = [f"{spelling}-{version}.tar.gz" for spelling in sorted(spellings)]
-    cached = [os.path.join(cache_dir, n) for n in archive_names if os.path.exists(os.path.join(cache_dir, n))]
-    if cached:
-        return cached[0]
-    os.makedirs(cache_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
-    try:
-        _run(_pip_command() + ["download", "--quiet", "--no-deps", "--no-binary", ":all:", *extra_pip_args,
-                               "-d", staging, requirement])
-        archives = [os.path.join(staging, n) for n in archive_names if os.path.exists(os.path.join(staging, n))]
-        if not archives:
-            raise SourceUnavailable(f"pip download {requirement} produced no {' or '.join(archive_names)}")
-        target = os.path.join(cache_dir, os.path.basename(archives[0]))
-        os.replace(archives[0], target)
-        return target
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    patterns = [f"{spelling}-{version}.tar.gz" for spelling in sorted({name, _normalized(name)})]
+    return _pip_download(requirement, cache_dir, patterns, ["--no-binary", ":all:", *extra_pip_args])
+
+
+def fetch_wheel(requirement, cache_dir):
+    """Path of the wheel of `name==version` in cache_dir, downloading it with pip (no deps) if missing."""
+    name, version = requirement.split("==")
+    # short timeout and one retry: on a machine with no route at all, fail in seconds
+    return _pip_download(requirement, cache_dir, [f"{_normalized(name)}-{version}-*.whl"],
+                         ["--only-binary", ":all:", "--timeout", "15", "--retries", "1"])
 
 
 def fetch_deb_tree(package, cache_dir):

