@@ -214,14 +214,31 @@ def _first_timestamp(text, pattern):
 
 
 def _metric_value(section_text, metric):
-    """Text after the first ':' on the first bullet line that starts with the metric name."""
+    """
+    (value, label) from the first bullet line that starts with the metric name: the value is the
+    text after the first ':', the label what the line says in parentheses before it, as in
+    "- CORE (partial: 9 of 22 tasks, offline reconstruction): 0.1234". ("-", None) when absent.
+    """
     for line in (section_text or "").splitlines():
         if line.startswith(f"- {metric}"):
-            return line.split(":", 1)[1].strip()
-    return "-"
+            key, value = _split_bullet(line[2:])
+            label = re.search(r"\((.*)\)", key[len(metric):])
+            return value, (label.group(1) if label else None)
+    return "-", None
+
+
+def _split_bullet(text):
+    """Split "key (may: contain colons): value" at the first ':' outside parentheses."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == ":" and depth == 0:
+            return text[:i], text[i + 1:].strip()
+    return text, ""
 
 
 def _summary_table(sections):
+    """The Metric | BASE | MID | SFT | RL table; a labelled (partial, offline) value gets a * and a note below."""
     columns = {"BASE": ("base-model-evaluation", ["CORE"]),
                "MID": ("chat-evaluation-mid", ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]),
                "SFT": ("chat-evaluation-sft", ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]),
@@ -231,11 +248,17 @@ def _summary_table(sections):
     rows = ["CORE"] + middle + ["ChatCORE"]
     lines = [f"| {'Metric':<15} | " + " | ".join(f"{c:<8}" for c in columns) + " |",
              f"|{'-' * 17}|" + "|".join("-" * 10 for _ in columns) + "|"]
+    notes = []
     for metric in rows:
-        values = [(_metric_value(sections.get(slug), metric) if metric in names else "-")
-                  for slug, names in columns.values()]
+        values = []
+        for column, (slug, names) in columns.items():
+            value, label = _metric_value(sections.get(slug), metric) if metric in names else ("-", None)
+            if label:
+                value += "*"
+                notes.append(f"- \\* {metric} ({column}): {label}")
+            values.append(value)
         lines.append(f"| {metric:<15} | " + " | ".join(f"{v:<8}" for v in values) + " |")
-    return lines
+    return lines + ([""] + notes if notes else [])
 
 
 class DummyReport:

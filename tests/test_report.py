@@ -71,3 +71,19 @@ def test_reset_then_generate_assembles_sections_and_summary(monkeypatch, tmp_pat
 
 def test_slugify():
     assert slugify("Chat evaluation mid") == "chat-evaluation-mid"
+
+
+def test_partial_and_offline_labels_reach_the_summary_table(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    report = Report(str(tmp_path / "report"))
+    report.reset()
+    report.log("Base model evaluation", [{"CORE (partial: 9 of 22 tasks, offline reconstruction)": 0.1234}])
+    report.log("Chat evaluation mid", [{"ARC-Easy": 0.3, "GSM8K (offline substitute: held-out GSM8K test)": 0.02}])
+    text = open(report.generate(), encoding="utf-8").read()
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:6]]
+             for line in text.splitlines() if line.startswith("| ") and "Metric" not in line}
+    assert table["CORE"] == ["0.1234*", "-", "-", "-"]
+    assert table["ARC-Easy"] == ["-", "0.3000", "-", "-"]  # unlabelled values stay bare
+    assert table["GSM8K"] == ["-", "0.0200*", "-", "-"]
+    assert "- \\* CORE (BASE): partial: 9 of 22 tasks, offline reconstruction" in text
+    assert "- \\* GSM8K (MID): offline substitute: held-out GSM8K test" in text
