@@ -53,13 +53,13 @@ installed_hash() {
 }
 
 sources_hash() {
-    (cd "$CRATE" && cat Cargo.toml pyproject.toml $(find src -type f | LC_ALL=C sort)) | sha256
+    (cd "$CRATE" && { cat Cargo.toml pyproject.toml; find src -type f -print0 | LC_ALL=C sort -z | xargs -0 cat; }) | sha256
 }
 
 install_oracle() {
     [ -d "$ORACLE/rustbpe" ] && return 0
     if "${UV[@]}" pip install --quiet --python "$PY" --target "$ORACLE" "rustbpe==0.1.0" >/dev/null 2>&1; then
-        log "installed the PyPI rustbpe 0.1.0 oracle into ${ORACLE#$ROOT/}"
+        log "installed the PyPI rustbpe 0.1.0 oracle into ${ORACLE#"$ROOT"/}"
     else
         rm -rf "$ORACLE"
         log "could not fetch PyPI rustbpe 0.1.0 (no package registry?); comparisons against it will be skipped"
@@ -128,7 +128,7 @@ start=$(date +%s)
 rm -rf "$CRATE/target/wheels"
 # maturin runs from inside the crate so that cargo sees rustbpe/.cargo/config.toml.
 (cd "$CRATE" && "$PY" -m maturin build --release --interpreter "$PY" --out target/wheels) >>"$LOGFILE" 2>&1 \
-    || { tail -n 30 "$LOGFILE" >&2; die "maturin build failed; full log in ${LOGFILE#$ROOT/}"; }
+    || { tail -n 30 "$LOGFILE" >&2; die "maturin build failed; full log in ${LOGFILE#"$ROOT"/}"; }
 wheel=$(ls "$CRATE"/target/wheels/rustbpe-*.whl)
 pip_install --reinstall --no-deps "$wheel"
 "$PY" -c 'import rustbpe; rustbpe.Tokenizer()' || die "the installed rustbpe does not import"

@@ -2,7 +2,8 @@
 # Sets up everything nanochat needs in ./.venv, idempotently:
 #   uv (from PyPI if missing) -> .venv -> torch (CUDA build on a GPU box, CPU build otherwise)
 #   -> nanochat and its dependencies -> the Rust crate rustbpe/ built by maturin
-#   -> Debian's chromium for the web UI test (as root where apt-get exists; else that test skips).
+#   -> Debian's chromium and shellcheck for the web UI and shell lint tests (as root where apt-get
+#      exists; else those tests skip).
 # Called by dev/runcpu.sh, speedrun.sh and dev/run_tests.sh; safe to re-run.
 #
 #   bash dev/install.sh            # runtime + test dependencies
@@ -52,7 +53,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         local_wheel=""
         for dir in ${UV_FIND_LINKS//,/ }; do
             pyver=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-            local_wheel=$(ls "$dir"/torch-*-"$pyver"-*.whl 2>/dev/null | sort | tail -n 1 || true)
+            wheels=("$dir"/torch-*-"$pyver"-*.whl)  # sorted by the glob; unexpanded if none match
+            [ -e "${wheels[-1]}" ] && local_wheel="${wheels[-1]}"
             [ -n "$local_wheel" ] && break
         done
         if [ -n "$local_wheel" ]; then
@@ -83,6 +85,18 @@ if [ ! -x /usr/bin/chromium ]; then
         fi
     else
         log "no /usr/bin/chromium and no apt-get as root to install it; the web UI test will skip"
+    fi
+fi
+
+# --- shellcheck (only for the test that lints every .sh; it skips without it) ---------------
+if ! command -v shellcheck >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        log "installing Debian's shellcheck for the shell-script lint test"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; }; then
+            log "could not install shellcheck; the shell-script lint test will skip"
+        fi
+    else
+        log "no shellcheck and no apt-get as root to install it; the shell-script lint test will skip"
     fi
 fi
 
