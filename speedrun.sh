@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# The "best ChatGPT $100 can buy" run: a d20 model on one 8xH100 node (~4 hours for the whole
-# pipeline). Launch it in a screen session so it survives a dropped connection:
+# The "best ChatGPT $100 can buy" run: a d20 model on one 8xH100 node, about 4 hours for the
+# whole pipeline: install, data, tokenizer, pretraining (+ bpb and CORE), identity data,
+# midtraining (+ chat eval), SFT (+ chat eval), the report card. Launch it in a screen session
+# so it survives a dropped connection:
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
 #   WANDB_RUN=speedrun screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh   # with wandb
-# Phases that are not built yet (CORE evaluation, midtraining, SFT, chat evaluations) are not run.
+#
+# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat: data, checkpoints, report),
+# NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default dummy = no wandb), RUN_RL=1 (also run
+# RL on GSM8K and its eval), PHASE_DRY_RUN=1 (print what would run, run nothing).
+#
+# Safe to re-run after a crash or a lost node: a phase whose report section (and checkpoint)
+# exist is skipped; a training phase cut short resumes from its last checkpoint (they save every
+# few thousand steps; d20 checkpoints take ~7 GB each with the optimizer state). Nothing is redone
+# from scratch. To start a new run, point NANOCHAT_BASE_DIR elsewhere or delete its report/ and
+# *_checkpoints/ directories. The skip/resume rules are in dev/phase_lib.sh.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -12,28 +23,71 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
+MODEL_TAG=d20
+IDENTITY_URL=https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC_PER_NODE" -m)
+# shellcheck source=dev/phase_lib.sh
+source dev/phase_lib.sh
 
-bash dev/install.sh
-source .venv/bin/activate
+if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
+    bash dev/install.sh
+    # shellcheck source=/dev/null
+    source .venv/bin/activate
+fi
 
-python -m nanochat.report reset
+# A new run starts the report card; a re-run keeps the sections of the phases already done.
+if [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
+    phase_log "report: continuing the run recorded in $NANOCHAT_BASE_DIR/report"
+else
+    phase_exec python -m nanochat.report reset
+fi
 
 # ~2B characters for the tokenizer: 8 shards of ~250M chars (plus the pinned val shard).
-python -m nanochat.dataset -n 8
+# Shards already on disk are not downloaded again.
+phase_exec python -m nanochat.dataset -n 8
 # d20 has ~435M scaling params; at 20 tokens/param that is 8.7B tokens * ~4.8 chars/token
 # = ~42B chars = ~170 shards; best-fit packing crops ~35% of tokens, so 370 leaves headroom.
-python -m nanochat.dataset -n 370 &
+phase_exec python -m nanochat.dataset -n 370 &
 DATASET_DOWNLOAD_PID=$!
 
-python -m scripts.tok_train
-python -m scripts.tok_eval
+run_phase tok_train tokenizer-training "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" -- python -m scripts.tok_train
+run_phase tok_eval tokenizer-evaluation - -- python -m scripts.tok_eval
 
 echo "Waiting for the dataset download to finish..."
-wait $DATASET_DOWNLOAD_PID
+wait "$DATASET_DOWNLOAD_PID"
 
-torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- --depth=20 --target-param-data-ratio=20 --run="$WANDB_RUN"
-torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_loss
+# Pretraining: ~16.6K steps; a checkpoint every 2000 steps bounds what a crash can cost.
+run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" -- \
+    "${TORCHRUN[@]}" scripts.base_train -- --depth=20 --target-param-data-ratio=20 --save-every=2000 --run="$WANDB_RUN"
+run_phase base_loss base-model-loss - -- "${TORCHRUN[@]}" scripts.base_loss
+run_phase base_eval base-model-evaluation - -- "${TORCHRUN[@]}" scripts.base_eval
 
-# The report card: the sections the phases above wrote, stitched into report.md (here and in
-# $NANOCHAT_BASE_DIR/report/); sections of phases that did not run are reported as skipped.
-python -m nanochat.report generate
+# Identity conversations (~2.3 MB) for midtraining and SFT: who the model is. Downloaded to a
+# temp name and renamed, so a cut download is never mistaken for the file.
+IDENTITY_FILE="$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
+if [ ! -f "$IDENTITY_FILE" ]; then
+    phase_exec curl -fsSL -o "$IDENTITY_FILE.tmp" "$IDENTITY_URL"
+    phase_exec mv "$IDENTITY_FILE.tmp" "$IDENTITY_FILE"
+fi
+
+run_phase mid_train midtraining "$NANOCHAT_BASE_DIR/mid_checkpoints/$MODEL_TAG" -- \
+    "${TORCHRUN[@]}" scripts.mid_train -- --save-every=200 --run="$WANDB_RUN"
+run_phase chat_eval_mid chat-evaluation-mid - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i mid
+
+run_phase chat_sft chat-sft "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$MODEL_TAG" -- \
+    "${TORCHRUN[@]}" scripts.chat_sft -- --save-every=200 --run="$WANDB_RUN"
+run_phase chat_eval_sft chat-evaluation-sft - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i sft
+
+if [ "${RUN_RL:-0}" = 1 ]; then
+    run_phase chat_rl chat-rl "$NANOCHAT_BASE_DIR/chatrl_checkpoints/$MODEL_TAG" -- \
+        "${TORCHRUN[@]}" scripts.chat_rl -- --save-every=60 --run="$WANDB_RUN"
+    run_phase chat_eval_rl chat-evaluation-rl - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i rl -a GSM8K
+fi
+
+# Loss and val bpb curves of the pretraining run (needs the plots extra; skipped without it).
+phase_exec python -m nanochat.plots "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" \
+    --output-dir "$NANOCHAT_BASE_DIR/report" || phase_log "plots: skipped (pip install -e '.[plots]' to get them)"
+
+# The report card: the sections the phases wrote, stitched into report.md (here and in
+# $NANOCHAT_BASE_DIR/report/). Then talk to the model: python -m scripts.chat_web
+phase_exec python -m nanochat.report generate

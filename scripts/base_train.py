@@ -16,8 +16,14 @@ The model and the optimizer kernels are torch.compile'd (the first step pays for
 the CPU example); NANOCHAT_COMPILE=0 runs eagerly.
 
 Reads  $NANOCHAT_BASE_DIR/base_data/*.parquet and $NANOCHAT_BASE_DIR/tokenizer/.
-Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.* and the
-"Base model training" section of the report.
+Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.*, the run summary
+summary.json beside them (sizes, horizon, loss/bpb/CORE histories, wall time: what miniseries.sh,
+scaling_laws.sh and nanochat.plots read; see nanochat/run_summary.py) and the "Base model
+training" section of the report.
+
+CORE during training (--core-metric-every, on by default only on CUDA) needs nanochat/core_eval.py
+and the eval bundle ($NANOCHAT_BASE_DIR/eval_bundle, or the offline copy made by
+`python -m dev.offline_data core`).
 """
 
 import os
@@ -26,6 +32,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
 import gc
+import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -48,6 +55,7 @@ from nanochat.dataloader import (
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.run_summary import history_before, read_summary, summary_path, write_summary
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 SAMPLE_PROMPTS = [
@@ -60,6 +68,7 @@ SAMPLE_PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 REFERENCE_BATCH_SIZE = 2**19  # tokens per step at which the learning rates were tuned (d12)
+CUDA_CORE_METRIC_EVERY = 2000  # upstream's default cadence; on CPU/MPS a CORE evaluation takes too long to be on by default
 
 
 def parse_args(argv=None):
@@ -95,7 +104,8 @@ def parse_args(argv=None):
     # evaluation, sampling, saving
     parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = off)")
     parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of val data per bpb evaluation")
-    parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE metric every N steps (-1 = off)")
+    parser.add_argument("--core-metric-every", type=int, default=None,
+                        help=f"CORE metric every N steps and at the last step (-1 = off; default {CUDA_CORE_METRIC_EVERY} on CUDA, off on CPU/MPS)")
     parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
     parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = off)")
     parser.add_argument("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
@@ -345,6 +355,8 @@ class LoopState:
     min_val_bpb: float = float("inf")
     smooth_train_loss: float = 0.0  # EMA of the train loss, not yet debiased
     total_training_time: float = 0.0  # seconds, excluding the first 10 steps (compilation)
+    core_metric: float | None = None  # the latest CORE evaluation
+    wall_time: float = 0.0  # seconds of every process of this run up to the last save (resumes add up)
 
 
 def load_resume_checkpoint(args, checkpoint_dir, model, runtime):
@@ -363,7 +375,8 @@ def load_resume_checkpoint(args, checkpoint_dir, model, runtime):
     loop = LoopState(step=args.resume_from_step, val_bpb=meta.get("val_bpb"),
                      min_val_bpb=saved.get("min_val_bpb", float("inf")),
                      smooth_train_loss=saved.get("smooth_train_loss", 0.0),
-                     total_training_time=saved.get("total_training_time", 0.0))
+                     total_training_time=saved.get("total_training_time", 0.0),
+                     core_metric=saved.get("core_metric"), wall_time=saved.get("wall_time", 0.0))
     per_rank_states = meta.get("dataloader_state_dicts")
     if per_rank_states and len(per_rank_states) == runtime.world_size:
         loader_state = per_rank_states[runtime.rank]
@@ -413,10 +426,75 @@ def save_training_checkpoint(checkpoint_dir, model, optimizer, loop, loader_stat
         "dataloader_state_dict": loader_states[0],
         "dataloader_state_dicts": loader_states,
         "loop_state": {"min_val_bpb": loop.min_val_bpb, "smooth_train_loss": loop.smooth_train_loss,
-                       "total_training_time": loop.total_training_time},
+                       "total_training_time": loop.total_training_time, "core_metric": loop.core_metric,
+                       "wall_time": loop.wall_time},
     }
     save_checkpoint(checkpoint_dir, loop.step, model.state_dict(), optimizer.state_dict(), meta,
                     rank=runtime.rank, collective=True)
+
+
+def resolve_core_metric_every(args, device_type):
+    """
+    Upstream's CORE cadence on CUDA, off on CPU/MPS unless asked for. A run that asks for CORE
+    fails at start, not hours later, when the CORE evaluation cannot be imported or has no eval
+    bundle (find_bundle downloads it now if it can, as the first evaluation would).
+    """
+    if args.core_metric_every is None:
+        args.core_metric_every = CUDA_CORE_METRIC_EVERY if device_type == "cuda" else -1
+    if args.core_metric_every > 0:
+        try:
+            core_eval = importlib.import_module("nanochat.core_eval")
+        except ImportError as error:
+            raise ConfigError(f"--core-metric-every={args.core_metric_every} needs the CORE evaluation (nanochat.core_eval), "
+                              f"which cannot be imported ({error}); pass --core-metric-every=-1") from None
+        core_eval.find_bundle()
+
+
+def evaluate_core_metric(model, tokenizer, device, args):
+    """The CORE metric on the uncompiled model (its prompts have every length): {core_metric, label, ...}."""
+    from nanochat.core_eval import evaluate_core
+
+    model.eval()
+    result = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+    model.train()
+    return result
+
+
+def build_run_summary(args, model, plan, loop, history, runtime, mfu, peak_memory_mib, completed, core_label):
+    """What nanochat/run_summary.py describes: written beside the checkpoints on rank 0."""
+    counts = model.num_scaling_params()
+    return {
+        "version": 1,
+        "completed": completed,
+        "model_tag": args.model_tag or f"d{args.depth}",
+        "depth": args.depth,
+        "model_dim": model.config.n_embd,
+        "num_heads": model.config.n_head,
+        "vocab_size": model.config.vocab_size,
+        "max_seq_len": args.max_seq_len,
+        "param_counts": counts,
+        "num_params": counts["total"],
+        "num_scaling_params": plan.num_scaling_params,
+        "flops_per_token": plan.flops_per_token,
+        "total_batch_size": plan.total_batch_size,
+        "num_iterations": plan.num_iterations,
+        "tokens_trained": plan.total_tokens,
+        "param_data_ratio": plan.total_tokens / plan.num_scaling_params,
+        "total_training_flops": plan.flops_per_token * plan.total_tokens,
+        "target_flops": args.target_flops if args.target_flops > 0 else None,
+        "world_size": runtime.world_size,
+        "device_type": runtime.device_type,
+        "last_step": loop.step,
+        "val_bpb": loop.val_bpb,  # the latest evaluation: the last step's once completed
+        "min_val_bpb": loop.min_val_bpb,
+        "core_metric": loop.core_metric,
+        "core_label": core_label,
+        "mfu_percent": mfu if math.isfinite(runtime.peak_flops) else None,  # no peak FLOPs known off CUDA
+        "peak_memory_mib": peak_memory_mib,
+        "training_time_sec": loop.total_training_time,  # excludes the first 10 steps (compilation)
+        "wall_time_sec": loop.wall_time,
+        "history": history,
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -435,10 +513,12 @@ def set_schedules(optimizer, step, plan, args):
 
 
 def main(argv=None):
+    process_start = time.time()
     args = parse_args(argv)
-    user_config = dict(vars(args))
     print_banner()
     runtime = setup_runtime(args)
+    resolve_core_metric_every(args, runtime.device_type)
+    user_config = dict(vars(args))
     device = runtime.device
     master_process = runtime.rank == 0
     if args.run == "dummy" or not master_process:
@@ -459,6 +539,11 @@ def main(argv=None):
     loop, loader_state = LoopState(), None
     if resuming:
         _, loop, loader_state = load_resume_checkpoint(args, checkpoint_dir, orig_model, runtime)
+    # the histories so far (a resumed run keeps the steps before its checkpoint and redoes the rest)
+    previous_summary = read_summary(checkpoint_dir) if resuming and os.path.exists(summary_path(checkpoint_dir)) else None
+    history = history_before(previous_summary, loop.step)
+    core_label = (previous_summary or {}).get("core_label") if history["core_metric"] else None
+    wall_time_before = loop.wall_time
     model = torch.compile(orig_model, dynamic=False) if compile_enabled(runtime.device_type) else orig_model
     optimizer = build_optimizer(args, orig_model, plan)
     if resuming:
@@ -485,13 +570,26 @@ def main(argv=None):
             loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
             wandb_run.log({"step": step, "total_training_flops": flops_so_far,
                            "total_training_time": loop.total_training_time, "val/bpb": loop.val_bpb})
+            history["val_bpb"].append({"step": step, "val_bpb": loop.val_bpb})
+
+        if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+            core = evaluate_core_metric(orig_model, tokenizer, device, args)
+            loop.core_metric, core_label = core["core_metric"], core["label"]
+            print0(f"Step {step:05d} | CORE metric: {loop.core_metric:.4f}")
+            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": loop.core_metric,
+                           "centered_results": core["centered_results"]})
+            history["core_metric"].append({"step": step, "core_metric": loop.core_metric, "num_tasks": core["num_tasks"]})
 
         if master_process and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             print_samples(orig_model, tokenizer)
 
         if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
+            loop.wall_time = wall_time_before + time.time() - process_start
             save_training_checkpoint(checkpoint_dir, orig_model, optimizer, loop, consumed_loader_state,
                                      args, user_config, plan, runtime)
+            if master_process:
+                write_summary(checkpoint_dir, build_run_summary(args, orig_model, plan, loop, history, runtime, mfu, 0.0,
+                                                                completed=False, core_label=core_label))
 
         if last_step:
             break
@@ -531,6 +629,7 @@ def main(argv=None):
         print0(f"step {step:05d}/{num_iterations:05d} ({pct_done:.2f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
                f"total time: {loop.total_training_time / 60:.2f}m | eta: {eta}")
+        history["train_loss"].append({"step": step, "loss": round(debiased_loss, 6)})
         if step % 100 == 0:
             wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": loop.total_training_time,
                            "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
@@ -544,12 +643,16 @@ def main(argv=None):
     print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
     if loop.min_val_bpb != float("inf"):  # some evaluation ran
         print0(f"Minimum validation bpb: {loop.min_val_bpb:.6f}")
-    write_report(user_config, orig_model, plan, loop, mfu, peak_memory_mib, runtime.world_size, args)
+    write_report(user_config, orig_model, plan, loop, mfu, peak_memory_mib, runtime.world_size, args, core_label)
+    if master_process:
+        loop.wall_time = wall_time_before + time.time() - process_start
+        write_summary(checkpoint_dir, build_run_summary(args, orig_model, plan, loop, history, runtime, mfu, peak_memory_mib,
+                                                        completed=True, core_label=core_label))
     wandb_run.finish()
     compute_cleanup()
 
 
-def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_size, args):
+def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_size, args, core_label):
     total_flops = plan.flops_per_token * plan.total_tokens
     get_report().log(section="Base model training", data=[
         user_config,
@@ -567,12 +670,14 @@ def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_siz
         {
             "Minimum validation bpb": loop.min_val_bpb if loop.min_val_bpb != float("inf") else None,
             "Final validation bpb": loop.val_bpb,
-            "CORE metric estimate": None,  # the CORE evaluation is not wired into pretraining yet
+            "CORE metric estimate": loop.core_metric,
             "MFU %": f"{mfu:.2f}%",
             "Total training flops": f"{total_flops:e}",
             "Total training time": f"{loop.total_training_time / 60:.2f}m",
             "Peak memory usage": f"{peak_memory_mib:.2f}MiB",
         },
+        # which tasks the CORE estimate covers, e.g. a partial offline reconstruction of the eval bundle
+        {"CORE tasks": core_label} if core_label else None,
     ])
 
 

@@ -1,0 +1,74 @@
+# shellcheck shell=bash
+# Skip-or-resume for the pipeline scripts (speedrun.sh, dev/runcpu.sh): sourced, not run.
+#
+#   source dev/phase_lib.sh
+#   run_phase "base_train" base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/d20" -- \
+#       torchrun ... -m scripts.base_train -- --depth=20 --save-every=1000
+#
+# run_phase NAME REPORT_SLUG OUTPUT -- COMMAND...
+#   OUTPUT is what the phase leaves besides its report section $NANOCHAT_BASE_DIR/report/REPORT_SLUG.md
+#   (every phase writes that section last, after its outputs):
+#     a checkpoint directory (ends in _checkpoints/<tag>): done when the section and a complete
+#         checkpoint exist; with checkpoints but no section the phase was cut short, so COMMAND runs
+#         again with --resume-from-step=<last complete step> appended (the final step too: the
+#         phase then only evaluates and writes its section);
+#     a file: done when the section and the file exist;
+#     "-": done when the section exists.
+#   Otherwise COMMAND runs from the start. A done phase is skipped with one line saying why.
+# A checkpoint is complete when its meta_<step>.json exists: checkpoint_manager writes it last.
+# PHASE_DRY_RUN=1 prints each command instead of running it (shows what a re-run would do).
+
+phase_log() { echo "[phase] $*"; }
+
+# The highest step with a complete checkpoint (model_<step>.pt and meta_<step>.json) in DIR; empty if none.
+phase_last_step() {
+    local dir=$1 meta step last=""
+    for meta in "$dir"/meta_*.json; do
+        [ -e "$meta" ] || continue
+        step=${meta##*/meta_}
+        step=${step%.json}
+        [[ $step =~ ^[0-9]+$ ]] || continue
+        [ -e "$dir/model_$step.pt" ] || continue
+        step=$((10#$step))
+        if [ -z "$last" ] || [ "$step" -gt "$last" ]; then last=$step; fi
+    done
+    echo "$last"
+}
+
+phase_report_path() { echo "$NANOCHAT_BASE_DIR/report/$1.md"; }
+
+# Run a command, or print it under PHASE_DRY_RUN=1.
+phase_exec() {
+    if [ "${PHASE_DRY_RUN:-0}" = 1 ]; then
+        phase_log "would run: $*"
+    else
+        "$@"
+    fi
+}
+
+run_phase() {
+    local name=$1 slug=$2 output=$3
+    shift 3
+    [ "${1:-}" = "--" ] || { echo "run_phase $name: expected -- before the command" >&2; return 2; }
+    shift
+    : "${NANOCHAT_BASE_DIR:?run_phase needs NANOCHAT_BASE_DIR}"
+    local report last_step=""
+    report=$(phase_report_path "$slug")
+    if [ "$output" != "-" ] && [[ $output == *_checkpoints/* ]]; then
+        last_step=$(phase_last_step "$output")
+        if [ -f "$report" ] && [ -n "$last_step" ]; then
+            phase_log "$name: done (checkpoint step $last_step and report section $slug exist); skipping"
+            return 0
+        fi
+        if [ -n "$last_step" ]; then
+            phase_log "$name: resuming from its last checkpoint, step $last_step"
+            phase_exec "$@" "--resume-from-step=$last_step"
+            return
+        fi
+    elif [ -f "$report" ] && { [ "$output" = "-" ] || [ -e "$output" ]; }; then
+        phase_log "$name: done (report section $slug exists); skipping"
+        return 0
+    fi
+    phase_log "$name: running"
+    phase_exec "$@"
+}
