@@ -4,6 +4,7 @@ The command line of the offline builders:
     python -m dev.offline_data corpus [--max-shards N] [--sources shakespeare,bible] [...]
     python -m dev.offline_data tiktoken [--refs-dir DIR]
     python -m dev.offline_data tasks [--only arc,mmlu,gsm8k,humaneval,smoltalk,words] [...]
+    python -m dev.offline_data core [--cache-dir DIR] [--output-dir DIR]
     python -m dev.offline_data COMMAND --help
 
 A subcommand is a module with HELP (one line), add_arguments(parser) and run(args) -> exit code;
@@ -13,13 +14,14 @@ adding one means listing it in SUBCOMMANDS.
 import argparse
 import sys
 
-from dev.offline_data import corpus, tasks, tiktoken_refs
+from dev.offline_data import core_bundle, corpus, tasks, tiktoken_refs
 from nanochat.common import parse_flags, run_script
 
 SUBCOMMANDS = {
     "corpus": corpus,
     "tiktoken": tiktoken_refs,
     "tasks": tasks,
+    "core": core_bundle,
 }
 
 
