@@ -1,0 +1,526 @@
+"""
+Reinforcement learning on GSM8K: on-policy REINFORCE with a mean baseline, starting from the SFT
+model (upstream nanochat calls it "GRPO"; it keeps none of GRPO's reference model, KL term, PPO
+ratio or clipping, and does not divide the advantage by the reward's std).
+
+Per optimizer step, --examples-per-step questions (over all ranks, strided: rank r takes every
+W-th one) are answered --num-samples times each by the current model. A sample earns reward 1 when
+its "#### <number>" matches the reference answer, else 0; its advantage is its reward minus the
+mean reward of its question. The loss is -sum(advantage * log p(token)) over the sampled tokens,
+divided by the number of sampled tokens (DAPO-style token-level normalization). Prompt tokens and
+the calculator's output (forced by the Engine, not sampled) are never trained on. The LR decays
+linearly to 0 over the run. pass@1..k on the first --eval-examples GSM8K test problems
+(k = --device-batch-size samples each) is printed at step 0 and every --eval-every steps.
+
+Run it:
+    python -m scripts.chat_rl                                             # one GPU, from the SFT model
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl1
+    python -m scripts.chat_rl --device-type=cpu --examples-per-step=2 --num-samples=4 \\
+        --device-batch-size=4 --max-new-tokens=64 --num-steps=10 --eval-every=5 --eval-examples=8   # CPU
+    python -m scripts.chat_rl ... --save-every=5 --resume-from-step=5     # continue a run
+
+Rollouts: the prompt of a question is prefilled once and its --num-samples continuations are
+decoded together (Engine.generate_batch), with the seed hash((step, question index, 0)) &
+0x7FFFFFFF; training then runs them in passes of --device-batch-size rows. Upstream decodes in
+num_samples / device_batch_size batches, one prefill and seed (sampling_step = 0, 1, ...) each.
+Those seeds are the only randomness, so a resumed run samples exactly what an uninterrupted run
+does and needs no saved RNG state.
+
+Checkpoints: model_<S>.pt holds the weights after the update of step S (upstream's numbering),
+saved every --save-every steps and after the last step, with every rank's optimizer shard and the
+position of the next question, so --resume-from-step=S continues with step S+1, also on another
+number of ranks (the optimizer state is re-sharded).
+
+Step line: mean reward and sequence length over all ranks, the LR multiplier, the step's time
+split into rollout (sampling and reward) and training (forward/backward and update), tok/sec
+(tokens through the training forward pass, all ranks, per second of the step) and MFU.
+
+Reads  $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/ (--source sft; mid: mid_checkpoints),
+       task_data/openai--gsm8k/main/{train,test}/ (downloaded on first use; offline the copies of
+       `python -m dev.offline_data tasks`, whose train split is a labelled substitute) and tokenizer/.
+Writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model-tag or d<depth>>/{model,meta,optim}_<step>.*
+       and the "Chat RL" section of the report.
+"""
+
+import os
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import (
+    build_model, checkpoints_dir_for, find_largest_model, find_last_step, load_optimizer_for_rank, meta_path,
+    model_path, save_checkpoint,
+)
+from nanochat.common import (
+    COMPUTE_DTYPE, ConfigError, DummyWandb, MissingInputError, autodetect_device_type, compute_cleanup,
+    compute_init, get_peak_flops, parse_flags, print0, print_banner, run_script,
+)
+from nanochat.engine import Engine
+from nanochat.report import get_report
+from tasks.gsm8k import GSM8K
+from tasks.hub import PROVENANCE_NAME, task_data_dir
+
+# The script that writes each source phase's checkpoints, named when one is missing.
+SOURCE_SCRIPTS = {"mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
+EVAL_SEED = 42  # every test problem is sampled with the same seed (the Engine's default), as upstream
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (REINFORCE with a mean baseline)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    # the model to start from
+    parser.add_argument("--source", type=str, default="sft", choices=list(SOURCE_SCRIPTS), help="phase whose model to train")
+    parser.add_argument("--model-tag", type=str, default=None,
+                        help="checkpoint directory of the source and of the output (None = the source's largest model, output d<depth>)")
+    parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (None = the last)")
+    # horizon and batch
+    parser.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
+    parser.add_argument("--num-steps", type=int, default=-1,
+                        help="optimizer steps (-1 = (train problems // examples per step) * epochs)")
+    parser.add_argument("--device-batch-size", type=int, default=8,
+                        help="rows per training forward pass; also k of the pass@k evaluation")
+    parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks together")
+    parser.add_argument("--num-samples", type=int, default=16, help="sampled answers per question")
+    # sampling (rollouts and evaluation)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer, in tokens")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    # optimization
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embeddings")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="every LR is scaled by this at the start")
+    # evaluation and saving
+    parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1 = off)")
+    parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems per evaluation")
+    parser.add_argument("--save-every", type=int, default=60, help="save every N steps (-1 = only after the last step)")
+    parser.add_argument("--resume-from-step", type=int, default=-1,
+                        help="continue after this step from its checkpoint in chatrl_checkpoints/<tag> (-1 = start fresh)")
+    return parse_flags(parser, argv)
+
+
+# -----------------------------------------------------------------------------
+# The math of one update: rollouts as tensors, advantages, the policy-gradient loss
+
+
+def rollout_seed(step, example_index, sampling_step=0):
+    """The sampling seed of one question's rollouts (a tuple of ints hashes the same in every process)."""
+    return hash((step, example_index, sampling_step)) & 0x7FFFFFFF
+
+
+def rollout_tensors(sequences, masks, pad_id, device=None):
+    """
+    Token sequences (prompt + answer) and their Engine masks (0 prompt, 1 sampled, 0 forced) ->
+    (inputs, targets) of shape (rows, longest - 1). Short rows are padded with pad_id and mask 0;
+    targets are -1 wherever the predicted token was not sampled, so only sampled tokens train.
+    """
+    longest = max(len(sequence) for sequence in sequences)
+    ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], dtype=torch.long, device=device)
+    sampled = torch.tensor([m + [0] * (longest - len(m)) for m in masks], dtype=torch.long, device=device)
+    inputs = ids[:, :-1]
+    targets = ids[:, 1:].clone()
+    targets[sampled[:, 1:] == 0] = -1
+    return inputs, targets
+
+
+def advantages_from_rewards(rewards):
+    """REINFORCE with the question's mean reward as the baseline (no division by the std)."""
+    return rewards - rewards.mean()
+
+
+def policy_gradient_loss(token_log_probs, targets, advantages, normalizer):
+    """
+    -sum over trained tokens of log p(token) * advantage of its row, divided by the number of
+    trained tokens (targets >= 0) in these rows times `normalizer` (passes per question x questions
+    per rank, so that the accumulated gradient is the mean over the rank's questions).
+    """
+    trained = targets >= 0
+    num_trained = trained.sum().clamp(min=1)
+    weighted = torch.where(trained, token_log_probs, 0.0) * advantages.unsqueeze(-1)
+    return -weighted.sum() / (num_trained * normalizer)
+
+
+# -----------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Runtime:
+    device_type: str
+    ddp: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    peak_flops: float
+
+
+def setup_runtime(args):
+    device_type = args.device_type or autodetect_device_type()
+    ddp, rank, _, world_size, device = compute_init(device_type)
+    peak_flops = float("inf")  # MFU is only meaningful on a GPU
+    if device_type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+        peak_flops = get_peak_flops(gpu_name)
+        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
+    print0(f"Compute dtype: {COMPUTE_DTYPE}")
+    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
+
+
+def check_flags(args, world_size):
+    """Flag combinations that cannot work, each one line before anything is loaded."""
+    positive = ["device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.examples_per_step % world_size:
+        raise ConfigError(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of ranks ({world_size})")
+    if args.num_samples % args.device_batch_size:
+        raise ConfigError(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size={args.device_batch_size} "
+                          "(the samples of a question are trained in passes of that many rows)")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.eval_every > 0 and args.eval_examples < 1:
+        raise ConfigError(f"--eval-examples must be >= 1 when evaluating, got {args.eval_examples}; or pass --eval-every=-1")
+
+
+@dataclass
+class Source:
+    """The checkpoint RL starts from."""
+    phase: str
+    checkpoint_dir: str
+    step: int
+    meta: dict
+
+
+def resolve_source(args):
+    """The source checkpoint's directory, step and meta; a missing one names the phase that writes it."""
+    checkpoints_dir = checkpoints_dir_for(args.source)
+    where = os.path.join(checkpoints_dir, args.model_tag) if args.model_tag else checkpoints_dir
+    try:
+        tag = args.model_tag or find_largest_model(checkpoints_dir)
+        checkpoint_dir = os.path.join(checkpoints_dir, tag)
+        last_step = find_last_step(checkpoint_dir)
+    except MissingInputError:
+        other = next(phase for phase in SOURCE_SCRIPTS if phase != args.source)
+        raise MissingInputError(f"no {args.source} checkpoint in {where}: run {SOURCE_SCRIPTS[args.source]} first "
+                                f"(or pass --source {other})") from None
+    step = last_step if args.model_step is None else args.model_step
+    if not os.path.exists(meta_path(checkpoint_dir, step)):
+        raise MissingInputError(f"no complete checkpoint of step {step} in {checkpoint_dir}: "
+                                f"pass --model-step={last_step} (the last one)")
+    with open(meta_path(checkpoint_dir, step), encoding="utf-8") as f:
+        meta = json.load(f)
+    return Source(args.source, checkpoint_dir, step, meta)
+
+
+def offline_substitute(split):
+    """What stands in for GSM8K main/<split> when the offline builder wrote it, else None."""
+    path = os.path.join(task_data_dir("openai/gsm8k", "main", split), PROVENANCE_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("substitute")
+
+
+@dataclass
+class Plan:
+    num_steps: int
+    examples_per_rank: int
+    passes_per_question: int
+    num_train_problems: int
+
+
+def plan_run(args, num_train_problems, world_size):
+    derived = (num_train_problems // args.examples_per_step) * args.num_epochs
+    num_steps = args.num_steps if args.num_steps > 0 else derived
+    if num_steps < 1:
+        raise ConfigError(f"GSM8K train has {num_train_problems} problems, fewer than --examples-per-step="
+                          f"{args.examples_per_step}: lower it or pass --num-steps")
+    if args.resume_from_step >= num_steps - 1:
+        raise ConfigError(f"--resume-from-step={args.resume_from_step} leaves nothing to do: this run has {num_steps} steps "
+                          f"(0..{num_steps - 1}); resume with the horizon flags of the original run")
+    how = "user-provided" if args.num_steps > 0 else f"{num_train_problems} problems // {args.examples_per_step} x {args.num_epochs} epochs"
+    print0(f"Number of steps: {num_steps} ({how})")
+    return Plan(num_steps, args.examples_per_step // world_size, args.num_samples // args.device_batch_size,
+                num_train_problems)
+
+
+def build_optimizer(args, model):
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint carries besides weights and optimizer: saved in its meta as loop_state."""
+    step: int = 0  # the next step to run
+    example_position: int = 0  # global position of the next question; question = position % len(train)
+    mean_reward: float | None = None  # of the last step
+    pass_at_k: list = field(default_factory=list)  # of the last evaluation
+
+
+def load_resume_checkpoint(args, checkpoint_dir, plan, runtime):
+    """The model saved after step --resume-from-step and the loop state to continue with."""
+    step = args.resume_from_step
+    if not os.path.exists(model_path(checkpoint_dir, step)):
+        raise MissingInputError(f"no RL checkpoint of step {step} in {checkpoint_dir}: pass a step that was saved "
+                                "(see --save-every) or start fresh without --resume-from-step")
+    print0(f"Resuming after step {step} from {checkpoint_dir}")
+    model, tokenizer, meta = build_model(checkpoint_dir, step, runtime.device, phase="train")
+    if meta.get("num_steps") != plan.num_steps:
+        raise ConfigError(f"the checkpoint at step {step} belongs to a run of {meta.get('num_steps')} steps, these flags "
+                          f"give {plan.num_steps}: resume with the original --examples-per-step/--num-epochs/--num-steps")
+    saved = meta["loop_state"]
+    loop = LoopState(step=step + 1, example_position=saved["example_position"], mean_reward=saved.get("mean_reward"),
+                     pass_at_k=saved.get("pass_at_k", []))
+    return model, tokenizer, loop
+
+
+def save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime):
+    meta = {
+        "step": step,
+        "model_config": dict(model.config.__dict__),
+        "user_config": user_config,
+        "source": {"phase": source.phase, "checkpoint_dir": source.checkpoint_dir, "step": source.step},
+        "num_steps": plan.num_steps,
+        "loop_state": {"example_position": loop.example_position, "mean_reward": loop.mean_reward,
+                       "pass_at_k": loop.pass_at_k},
+    }
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta,
+                    rank=runtime.rank, collective=True)
+    print0(f"Saved model checkpoint to {checkpoint_dir} (step {step})")
+
+
+# -----------------------------------------------------------------------------
+# Rollouts and evaluation
+
+
+def synchronize(device):
+    """Wait for the device, so that host timers measure its work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def sample_answers(engine, tokenizer, conversation, num_samples, args, seed):
+    """(prompt ids, sequences = prompt + answer ids, Engine masks, answers as text): one prefill, num_samples rows."""
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=args.max_new_tokens,
+                                             temperature=args.temperature, top_k=args.top_k, seed=seed)
+    answers = [tokenizer.decode(sequence[len(prompt):]) for sequence in sequences]
+    return prompt, sequences, masks, answers
+
+
+@dataclass
+class Rollout:
+    sequences: list
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    num_generated: int  # tokens the Engine produced for this question (sampled and forced)
+
+
+@torch.no_grad()
+def rollout(engine, tokenizer, task, example_index, step, args, device):
+    conversation = task[example_index]
+    prompt, sequences, masks, answers = sample_answers(engine, tokenizer, conversation, args.num_samples, args,
+                                                       seed=rollout_seed(step, example_index))
+    rewards = torch.tensor([task.reward(conversation, answer) for answer in answers], dtype=torch.float, device=device)
+    inputs, targets = rollout_tensors(sequences, masks, tokenizer.encode_special("<|assistant_end|>"), device)
+    num_generated = sum(len(sequence) - len(prompt) for sequence in sequences)
+    return Rollout(sequences, inputs, targets, rewards, advantages_from_rewards(rewards), num_generated)
+
+
+def all_reduce_sum(values, runtime):
+    """Element-wise sum over ranks of a list of floats."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    if runtime.ddp:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, args, runtime):
+    """
+    pass@k for k = 1..device_batch_size on the first --eval-examples test problems (strided over
+    ranks): the fraction of problems with a correct answer among the first k samples.
+    """
+    k_max = args.device_batch_size
+    num_problems = min(args.eval_examples, len(task))
+    solved = [0] * k_max
+    for index in range(runtime.rank, num_problems, runtime.world_size):
+        conversation = task[index]
+        _, _, _, answers = sample_answers(engine, tokenizer, conversation, k_max, args, seed=EVAL_SEED)
+        correct = [task.evaluate(conversation, answer) for answer in answers]
+        for k in range(1, k_max + 1):
+            solved[k - 1] += int(any(correct[:k]))
+    num_here = len(range(runtime.rank, num_problems, runtime.world_size))
+    *solved, num_counted = all_reduce_sum([*solved, num_here], runtime)
+    return [s / num_counted for s in solved]
+
+
+# -----------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class StepResult:
+    mean_reward: float  # over all ranks
+    mean_sequence_length: float
+    rollout_seconds: float
+    train_seconds: float
+    trained_tokens: int  # rows x positions through the training forward pass, all ranks
+    generated_tokens: int  # all ranks
+
+
+def train_step(model, engine, tokenizer, task, optimizer, scaler, loop, plan, args, runtime):
+    """Rollouts and gradients for this rank's questions, then the update. Advances the example position."""
+    step, device = loop.step, runtime.device
+    rollout_seconds = train_seconds = 0.0
+    rewards, lengths, trained_tokens, generated_tokens = [], [], 0, 0
+    for example_step in range(plan.examples_per_rank):
+        position = loop.example_position + runtime.rank + example_step * runtime.world_size
+        synchronize(device)
+        t0 = time.time()
+        model.eval()
+        batch = rollout(engine, tokenizer, task, position % len(task), step, args, device)
+        synchronize(device)
+        t1 = time.time()
+        model.train()
+        for pass_index in range(plan.passes_per_question):
+            rows = slice(pass_index * args.device_batch_size, (pass_index + 1) * args.device_batch_size)
+            inputs, targets = batch.inputs[rows], batch.targets[rows]
+            token_log_probs = -model(inputs, targets, loss_reduction="none").view_as(inputs)
+            loss = policy_gradient_loss(token_log_probs, targets, batch.advantages[rows],
+                                        plan.passes_per_question * plan.examples_per_rank)
+            (scaler.scale(loss) if scaler else loss).backward()
+            print0(f"Step {step}/{plan.num_steps} | Example step {example_step} | Pass {pass_index} | "
+                   f"loss: {loss.item():.6f} | Average reward: {batch.rewards[rows].mean().item()}")
+        synchronize(device)
+        rollout_seconds += t1 - t0
+        train_seconds += time.time() - t1
+        rewards.append(batch.rewards.mean().item())
+        lengths.extend(len(sequence) for sequence in batch.sequences)
+        trained_tokens += batch.inputs.numel()
+        generated_tokens += batch.num_generated
+
+    t0 = time.time()
+    lrm = 1.0 - step / plan.num_steps
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+    if scaler:
+        from scripts.base_train import step_with_loss_scaling  # fp16 only; the import costs seconds
+        step_with_loss_scaling(scaler, optimizer, runtime.ddp)
+    else:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    train_seconds += time.time() - t0
+
+    reward_sum, length_sum, num_lengths, trained_tokens, generated_tokens = all_reduce_sum(
+        [sum(rewards) / len(rewards), sum(lengths), len(lengths), trained_tokens, generated_tokens], runtime)
+    loop.example_position += args.examples_per_step
+    return StepResult(reward_sum / runtime.world_size, length_sum / num_lengths, rollout_seconds, train_seconds,
+                      int(trained_tokens), int(generated_tokens)), lrm
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    print_banner()
+    runtime = setup_runtime(args)
+    check_flags(args, runtime.world_size)
+    master_process = runtime.rank == 0
+    if args.run == "dummy" or not master_process:
+        wandb_run = DummyWandb()
+    else:
+        import wandb
+        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
+
+    source = resolve_source(args)
+    train_task = GSM8K(subset="main", split="train")
+    val_task = GSM8K(subset="main", split="test")
+    print0(f"GSM8K: {len(train_task):,} train problems, {len(val_task):,} test problems")
+    plan = plan_run(args, len(train_task), runtime.world_size)
+    checkpoint_dir = os.path.join(checkpoints_dir_for("rl"), args.model_tag or f"d{source.meta['model_config']['n_layer']}")
+
+    if args.resume_from_step >= 0:
+        model, tokenizer, loop = load_resume_checkpoint(args, checkpoint_dir, plan, runtime)
+    else:
+        print0(f"Starting from {source.phase} checkpoint {source.checkpoint_dir} step {source.step}")
+        model, tokenizer, _ = build_model(source.checkpoint_dir, source.step, runtime.device, phase="train")
+        loop = LoopState()
+    optimizer = build_optimizer(args, model)
+    if args.resume_from_step >= 0:
+        optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, args.resume_from_step, runtime.device,
+                                                          runtime.rank, runtime.world_size))
+    scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
+    engine = Engine(model, tokenizer)
+    flops_per_token = model.estimate_flops()  # forward + backward; a sampled token costs about a third
+
+    for step in range(loop.step, plan.num_steps):
+        loop.step = step
+        if args.eval_every > 0 and step % args.eval_every == 0:
+            model.eval()
+            loop.pass_at_k = evaluate_pass_at_k(engine, tokenizer, val_task, args, runtime)
+            print0(f"Step {step} | " + ", ".join(f"Pass@{k}: {p:.4f}" for k, p in enumerate(loop.pass_at_k, start=1)))
+            wandb_run.log({"step": step, **{f"pass@{k}": p for k, p in enumerate(loop.pass_at_k, start=1)}})
+
+        result, lrm = train_step(model, engine, tokenizer, train_task, optimizer, scaler, loop, plan, args, runtime)
+        loop.mean_reward = result.mean_reward
+        dt = result.rollout_seconds + result.train_seconds
+        flops = flops_per_token * (result.trained_tokens + result.generated_tokens / 3)
+        mfu = 100 * flops / dt / (runtime.peak_flops * runtime.world_size)
+        print0(f"Step {step}/{plan.num_steps} | Average reward: {result.mean_reward} | "
+               f"Average sequence length: {result.mean_sequence_length:.2f} | lrm: {lrm:.4f} | "
+               f"rollout: {result.rollout_seconds * 1000:.0f}ms | train: {result.train_seconds * 1000:.0f}ms | "
+               f"tok/sec: {int(result.trained_tokens / dt):,} | mfu: {mfu:.2f}")
+        wandb_run.log({"step": step, "reward": result.mean_reward, "sequence_length": result.mean_sequence_length,
+                       "lrm": lrm, "rollout_time": result.rollout_seconds, "train_time": result.train_seconds})
+
+        last_step = step == plan.num_steps - 1
+        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
+            save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime)
+
+    write_report(user_config, source, plan, loop, runtime.world_size)
+    wandb_run.finish()
+    compute_cleanup()
+
+
+def write_report(user_config, source, plan, loop, world_size):
+    substitute = offline_substitute("train")
+    get_report().log(section="Chat RL", data=[
+        user_config,
+        {
+            "Source": f"{source.phase} {source.checkpoint_dir} step {source.step}",
+            "GSM8K train": f"{plan.num_train_problems} problems" + (f" (offline substitute: {substitute})" if substitute else ""),
+            "Number of steps": plan.num_steps,
+            "DDP world size": world_size,
+            "Final average reward": loop.mean_reward,
+            **{f"Last pass@{k}": p for k, p in enumerate(loop.pass_at_k, start=1)},
+        },
+    ])
+
+
+if __name__ == "__main__":
+    run_script(main, "chat_rl")
