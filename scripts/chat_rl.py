@@ -31,6 +31,9 @@ saved every --save-every steps and after the last step, with every rank's optimi
 position of the next question, so --resume-from-step=S continues with step S+1, also on another
 number of ranks (the optimizer state is re-sharded).
 
+The compute dtype comes from NANOCHAT_DTYPE (bf16 on SM80+ GPUs, else fp32), as in every phase;
+upstream's --dtype flag is gone.
+
 Step line: mean reward and sequence length over all ranks, the LR multiplier, the step's time
 split into rollout (sampling and reward) and training (forward/backward and update), tok/sec
 (tokens through the training forward pass, all ranks, per second of the step) and MFU.
@@ -508,12 +511,16 @@ def main(argv=None):
 
 
 def write_report(user_config, source, plan, loop, world_size):
-    substitute = offline_substitute("train")
+    def labelled(split):
+        substitute = offline_substitute(split)
+        return f" (offline substitute: {substitute})" if substitute else ""
+
     get_report().log(section="Chat RL", data=[
         user_config,
         {
             "Source": f"{source.phase} {source.checkpoint_dir} step {source.step}",
-            "GSM8K train": f"{plan.num_train_problems} problems" + (f" (offline substitute: {substitute})" if substitute else ""),
+            "GSM8K train": f"{plan.num_train_problems} problems{labelled('train')}",
+            "GSM8K test": f"first {user_config['eval_examples']} problems for pass@k{labelled('test')}",
             "Number of steps": plan.num_steps,
             "DDP world size": world_size,
             "Final average reward": loop.mean_reward,
