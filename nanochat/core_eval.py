@@ -26,8 +26,9 @@ language modeling); rows longer than the model's context are cropped from the le
 choice or schema example is right when the gold option has the lowest mean loss over its span
 (a tie goes to the first option), a language-modeling one when greedy argmax predicts every
 continuation token. All options of an example go through the model in one batch; with
-pack_tokens > 0 several examples share a forward pass too (rows never see each other: attention
-is causal and padding goes on the right, so every verdict is the one-example verdict).
+pack_tokens > 0 (the default on CUDA) several examples of similar length share a forward pass
+too (rows never see each other: attention is causal and padding goes on the right, so every
+verdict is the one-example verdict, up to float rounding of the batch shape).
 """
 
 import csv
@@ -58,6 +59,7 @@ FEWSHOT_SEED = 1234  # + example index
 SHUFFLE_SEED = 1337  # order of a task's examples before --max-per-task crops them
 DOWNLOAD_ATTEMPTS = 3
 DEFAULT_PACK_TOKENS = 8192  # rows x padded length per packed forward: logits of 8192 x 32768 fp32 = 1 GiB
+MAX_PADDING_FRACTION = 0.2  # an example joins a packed forward only while padding stays under this share of it
 PREPARE_WINDOW = 256  # examples tokenized and sorted by length at a time (bounds host memory)
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -237,13 +239,15 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
 
 
 @torch.no_grad()
-def evaluate_examples(indices, model, tokenizer, data, device, task_meta, pack_tokens=DEFAULT_PACK_TOKENS):
+def evaluate_examples(indices, model, tokenizer, data, device, task_meta, pack_tokens=None):
     """
-    {idx: verdict} for the given examples. pack_tokens <= 0: one forward per example. Otherwise
+    {idx: verdict} for the given examples. pack_tokens <= 0: one forward per example (None: the
+    device's default, see default_pack_tokens). Otherwise
     the examples are sorted by length (a window at a time) and as many as fit in pack_tokens
     (rows x longest row) share a forward; an example larger than that still goes alone.
     """
     max_len, pad = context_limit(model), tokenizer.get_bos_token_id()
+    pack_tokens = default_pack_tokens(device) if pack_tokens is None else pack_tokens
     verdicts = {}
     for window_start in range(0, len(indices), PREPARE_WINDOW):
         window = [prepare_example(i, tokenizer, data, task_meta, max_len) for i in indices[window_start:window_start + PREPARE_WINDOW]]
@@ -260,22 +264,36 @@ def evaluate_examples(indices, model, tokenizer, data, device, task_meta, pack_t
     return verdicts
 
 
+def default_pack_tokens(device):
+    """
+    Packing pays where a forward has a fixed cost to amortize (a GPU's kernel launches and idle
+    lanes); on CPU time is linear in tokens, so there it only adds padding (dev/LOG.md 2026-12-01).
+    """
+    return DEFAULT_PACK_TOKENS if torch.device(device).type == "cuda" else 0
+
+
 def _pack(examples, pack_tokens):
-    """Groups of examples for one forward each."""
+    """
+    Groups of examples for one forward each: longest first, an example joins the current group
+    while the group stays within pack_tokens and mostly real tokens (every padded position costs
+    a full forward and a vocabulary-wide logit row, so mixing lengths would waste more than one
+    forward per example costs).
+    """
     if pack_tokens <= 0:
         return [[example] for example in examples]
-    groups, group, group_rows, group_len = [], [], 0, 0
+    groups, group, real_tokens, rows = [], [], 0, 0
     for example in sorted(examples, key=lambda e: e.padded_len, reverse=True):
-        rows, length = group_rows + len(example.tokens), max(group_len, example.padded_len)
-        if group and rows * length > pack_tokens:
+        longest = group[0].padded_len if group else example.padded_len
+        new_rows, new_real = rows + len(example.tokens), real_tokens + sum(len(row) for row in example.tokens)
+        if group and (new_rows * longest > pack_tokens or new_rows * longest > (1 + MAX_PADDING_FRACTION) * new_real):
             groups.append(group)
-            group, rows, length = [], len(example.tokens), example.padded_len
+            group, new_rows, new_real = [], len(example.tokens), sum(len(row) for row in example.tokens)
         group.append(example)
-        group_rows, group_len = rows, length
+        rows, real_tokens = new_rows, new_real
     return groups + ([group] if group else [])
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta, pack_tokens=DEFAULT_PACK_TOKENS):
+def evaluate_task(model, tokenizer, data, device, task_meta, pack_tokens=None):
     """Accuracy on data; under torchrun rank r takes examples r, r+W, ... and the verdicts are summed over ranks."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -431,10 +449,10 @@ def load_task_data(data_path, max_per_task=-1):
     return data[:max_per_task] if max_per_task > 0 else data
 
 
-def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, pack_tokens=DEFAULT_PACK_TOKENS):
+def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, pack_tokens=None):
     """
     Every task of the bundle (see find_bundle for where it comes from), each cropped to
-    max_per_task examples after a fixed shuffle (-1: all). Returns {results: {label: accuracy},
+    max_per_task examples after a fixed shuffle (-1: all); pack_tokens as in evaluate_examples. Returns {results: {label: accuracy},
     centered_results: {label: centered accuracy}, core_metric: their mean, num_tasks, label:
     "CORE" or the partial/offline label, details: {label: {accuracy, centered, seconds,
     examples, examples_per_second, task_type, num_fewshot}}, bundle_dir, offline}.

@@ -33,8 +33,9 @@ def parse_args(argv=None):
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory (default: the largest model)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--pack-tokens", type=int, default=DEFAULT_PACK_TOKENS,
-                        help="rows x length of a forward that packs several examples (0 = one example per forward)")
+    parser.add_argument("--pack-tokens", type=int, default=None,
+                        help=f"rows x length of a forward that packs several examples (0 = one example per forward; "
+                             f"unset: {DEFAULT_PACK_TOKENS} on CUDA, 0 on CPU/MPS where packing only adds padding)")
     parser.add_argument("--bundle-dir", type=str, default=None, help="evaluate on this eval bundle directory instead of looking for one")
     return parse_flags(parser, argv)
 

@@ -244,7 +244,7 @@ def greedy_lm_items(model, tokenizer, contexts):
     return items
 
 
-def test_packed_forwards_give_the_one_example_verdicts(tiny_tokenizer):
+def test_packed_forwards_give_the_one_example_verdicts(tiny_tokenizer, monkeypatch):
     model = build_gpt(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64), seed=3, perturb=0.3)
     tasks = synthetic_tasks(num_examples=10)
     tasks["language_modeling"] = greedy_lm_items(model, tiny_tokenizer, [item["context"] for item in tasks["language_modeling"]])
@@ -257,11 +257,23 @@ def test_packed_forwards_give_the_one_example_verdicts(tiny_tokenizer):
         assert len(alone.batch_rows) == len(data)
         assert unpacked[3] == ce.evaluate_example(3, model, tiny_tokenizer, data, "cpu", task_meta)
         assert len(set(unpacked.values())) == 2, f"{task_type}: a test needs right and wrong verdicts"
-        for pack_tokens in (1000, 100_000):
+        for pack_tokens, padding in [(ce.DEFAULT_PACK_TOKENS, ce.MAX_PADDING_FRACTION), (1000, 10.0), (100_000, 10.0)]:
+            monkeypatch.setattr(ce, "MAX_PADDING_FRACTION", padding)  # 10: any mix of lengths may share a forward
             packed_model = CountingModel(model)
             assert ce.evaluate_examples(indices, packed_model, tiny_tokenizer, data, "cpu", task_meta, pack_tokens) == unpacked
             assert len(packed_model.batch_rows) < len(data) and sum(packed_model.batch_rows) == sum(alone.batch_rows)
         assert len(packed_model.batch_rows) == 1  # with room for everything, one forward
+
+
+def test_packing_keeps_padding_bounded():
+    def example(idx, *lengths):
+        return ce.PreparedExample(idx, "multiple_choice", [[0] * n for n in lengths], [1] * len(lengths), list(lengths), 0)
+
+    examples = [example(0, 100, 100), example(1, 95, 96), example(2, 50), example(3, 48, 49), example(4, 10)]
+    groups = ce._pack(examples, pack_tokens=400)
+    assert [[e.idx for e in group] for group in groups] == [[0, 1], [2, 3], [4]]  # 2 would make 5 x 100 > 400; 4 padded to 50 is mostly padding
+    assert ce._pack(examples, pack_tokens=0) == [[e] for e in examples]
+    assert ce.default_pack_tokens("cpu") == 0 and ce.default_pack_tokens("cuda") == ce.DEFAULT_PACK_TOKENS
 
 
 # -----------------------------------------------------------------------------
