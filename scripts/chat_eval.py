@@ -382,7 +382,7 @@ def main(argv=None):
     if note:
         print0(note, end="")
     get_report().log(section=f"Chat evaluation {args.source}", data=[
-        dict(vars(args), checkpoint_step=meta.get("step")),
+        dict(vars(args), dtype=str(COMPUTE_DTYPE).removeprefix("torch."), checkpoint_step=meta.get("step")),
         accuracies, chatcore, note,
     ])
     compute_cleanup()

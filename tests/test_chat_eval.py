@@ -343,6 +343,7 @@ def test_cli_scores_the_known_answers_and_labels_the_offline_data_in_the_report(
     assert "- ARC-Easy (offline copy): 0.5714\n" in section
     assert "- GSM8K (offline substitute): 0.0000\n" in section
     assert "- data of GSM8K: offline substitute: three hand-made problems stand in for GSM8K test" in section
+    assert "- dtype: float32\n" in section
     assert "ChatCORE" not in section  # only two of the six tasks ran
 
 
@@ -369,3 +370,6 @@ def test_missing_checkpoint_and_unknown_task_are_one_line_errors(sft_base, monke
         chat_eval.main(["-i", "sft", "-a", "ARC-Easy|MMLU-Pro"])
     with pytest.raises(ConfigError, match="--max-problems must be at least 1"):
         chat_eval.main(["-i", "sft", "-x", "0"])
+    # the tests compute in float32 (NANOCHAT_DTYPE): a different -d cannot be honoured after import
+    with pytest.raises(ConfigError, match="run with NANOCHAT_DTYPE=bfloat16 instead"):
+        chat_eval.main(["-i", "sft", "-d", "bfloat16"])
