@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 
+# requests is imported inside the functions that download: with chardet installed its import
+# costs ~3 s, which every process that reads shards would pay.
 from nanochat.common import MissingInputError, atomic_open, get_base_dir, parse_flags
 
 # -----------------------------------------------------------------------------
@@ -248,6 +249,7 @@ def shard_problem(path):
 
 def _describe_error(error):
     """A short, human reason for a failed request."""
+    import requests
     text = str(error)
     if "NameResolutionError" in text or "Name or service not known" in text or "nodename nor servname" in text:
         return "DNS lookup failed"
@@ -264,6 +266,7 @@ def _describe_error(error):
 
 def _fetch_verified(url, f, timeout, chunk_size=1 << 20):
     """Stream url into the open file f; raise unless the body is complete and a readable shard. Returns bytes."""
+    import requests
     with requests.get(url, stream=True, timeout=timeout) as response:
         status = response.status_code
         if status != 200:
@@ -292,6 +295,7 @@ def download_shard(index, data_dir=None, base_url=None, attempts=5, backoff_base
     it is truncated or unreadable, otherwise download it to a temp file that is renamed only once
     complete and verified. Up to `attempts` tries, sleeping backoff_base**attempt seconds between.
     """
+    import requests
     path = os.path.join(_resolve_data_dir(data_dir), shard_filename(index))
     url = f"{(base_url or BASE_URL).rstrip('/')}/{shard_filename(index)}"
     if os.path.exists(path):
@@ -320,6 +324,7 @@ def download_shard(index, data_dir=None, base_url=None, attempts=5, backoff_base
 
 def unreachable_reason(url, timeout=10):
     """None if the host of url answers HTTP at all (any status), else a short reason."""
+    import requests
     try:
         requests.head(url, timeout=timeout, allow_redirects=False)
         return None
@@ -378,6 +383,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    import requests
     args = parse_args(argv)
     data_dir = args.data_dir or DATA_DIR
     if os.path.exists(os.path.join(data_dir, OFFLINE_MANIFEST_NAME)):

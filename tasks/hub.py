@@ -26,9 +26,10 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 from filelock import FileLock
 
+# requests is imported inside the functions that download: with chardet installed its import
+# costs ~3 s, which every process that loads a task would pay.
 from nanochat.common import MissingInputError, atomic_open, get_base_dir, print0
 
 HUB_URL = "https://huggingface.co"
@@ -115,6 +116,7 @@ def _unavailable(repo_id, subset, split, directory, reason):
 
 def _get(url, repo_id, subset, split, directory, stream=False):
     """requests.get that turns every way of not getting a 200 into one MissingInputError."""
+    import requests
     try:
         response = requests.get(url, stream=stream, timeout=TIMEOUT_SECONDS)
     except requests.RequestException as error:
@@ -129,6 +131,7 @@ def _get(url, repo_id, subset, split, directory, stream=False):
 
 
 def _download_split(repo_id, subset, split, directory):
+    import requests
     listing_url = f"{hub_url()}/api/datasets/{repo_id}/parquet/{subset}/{split}"
     with _get(listing_url, repo_id, subset, split, directory) as response:
         try:
