@@ -1,0 +1,270 @@
+"""
+What the chat training phases (scripts.mid_train, scripts.chat_sft) share:
+
+    setup_runtime(device_type)        device, process group, peak FLOPs
+    load_source_model(source, ...)    the checkpoint a phase starts from; missing = which phase to run
+    load_mixture(title, parts)        a TaskMixture of named parts, printed once with row counts and
+                                      which parts are offline substitutes or missing
+    save_resumable_checkpoint / load_resume_checkpoint
+                                      weights, every rank's optimizer shard, every rank's loader
+                                      state, the RNG and the loop state; a resume on another number
+                                      of ranks re-shards the optimizer and re-deals the data
+    warm_start_optimizer              another phase's optimizer state, with this run's LRs
+"""
+
+import base64
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat_data import loader_state_for_rank
+from nanochat.checkpoint_manager import (
+    checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, load_model, load_model_state,
+    load_optimizer_for_rank, load_optimizer_state, meta_path, save_checkpoint,
+)
+from nanochat.common import (
+    COMPUTE_DTYPE, ConfigError, DummyWandb, MissingInputError, autodetect_device_type, compute_init, get_base_dir,
+    get_peak_flops, print0,
+)
+from nanochat.gpt import GPTConfig
+from scripts.base_train import Runtime
+from tasks.common import TaskMixture
+from tasks.hub import PROVENANCE_NAME, task_data_dir
+from tasks.spellingbee import WORD_LIST_FILENAME
+
+PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
+OFFLINE_SUMMARY_NAME = "offline_tasks.json"  # written by `python -m dev.offline_data tasks` in task_data/
+
+
+def setup_runtime(device_type):
+    """Pick the device (empty = autodetect), join the process group under torchrun, and find the peak FLOP/s for MFU."""
+    device_type = device_type or autodetect_device_type()
+    ddp, rank, _, world_size, device = compute_init(device_type)
+    peak_flops = float("inf")  # MFU is only meaningful on a GPU
+    if device_type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+        peak_flops = get_peak_flops(gpu_name)
+        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
+    print0(f"Compute dtype: {COMPUTE_DTYPE}")
+    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
+
+
+def init_wandb(project, run_name, config, runtime):
+    if run_name == "dummy" or runtime.rank != 0:
+        return DummyWandb()
+    import wandb
+
+    return wandb.init(project=project, name=run_name, config=config)
+
+
+def synchronize_flags(values, runtime):
+    """The element-wise max over ranks of a few floats (stop flags, progress), so every rank decides alike."""
+    if not runtime.ddp:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+# -----------------------------------------------------------------------------
+# The source model
+
+
+def load_source_model(source, device, model_tag=None, step=None):
+    """load_model(source, phase="train"), except that a missing checkpoint is one line naming the phase that writes it."""
+    checkpoints_dir = checkpoints_dir_for(source)
+    try:
+        tag = model_tag or find_largest_model(checkpoints_dir)
+        last_step = find_last_step(os.path.join(checkpoints_dir, tag))
+    except MissingInputError:
+        where = os.path.join(checkpoints_dir, model_tag) if model_tag else checkpoints_dir
+        raise MissingInputError(f"no {source} checkpoint in {where}: run `python -m {PHASE_SCRIPTS[source]}` first"
+                                + ("" if model_tag is None else " or pass another --model-tag")) from None
+    step = last_step if step is None else step
+    if not os.path.exists(meta_path(os.path.join(checkpoints_dir, tag), step)):
+        raise MissingInputError(f"no {source} checkpoint at step {step} in {os.path.join(checkpoints_dir, tag)} "
+                                f"(the last one is step {last_step}): pass an existing --model-step")
+    return load_model(source, device, phase="train", model_tag=tag, step=step)
+
+
+# -----------------------------------------------------------------------------
+# Mixtures, and where their data comes from
+
+
+@dataclass
+class MixturePart:
+    name: str  # as printed, e.g. "SmolTalk train"
+    build: Callable  # () -> Task; raises MissingInputError when the data is not there
+    data: object = None  # the hub split (repo_id, subset, split), WORD_LIST_FILENAME, or None
+    copies: int = 1  # times the part is in the mixture (oversampling)
+
+
+@dataclass
+class Mixture:
+    task: TaskMixture
+    lines: list  # the printed summary, one line per part
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _substitute_of(part, task):
+    """What stands in for the real data of a part (the offline builder's label), or None for the real data."""
+    if getattr(task, "substitute", None):
+        return task.substitute
+    if isinstance(part.data, tuple):
+        path = os.path.join(task_data_dir(*part.data), PROVENANCE_NAME)
+        return _read_json(path).get("substitute") if os.path.exists(path) else None
+    if part.data == WORD_LIST_FILENAME:
+        summary_path = os.path.join(get_base_dir(), "task_data", OFFLINE_SUMMARY_NAME)
+        if os.path.exists(summary_path):
+            written = _read_json(summary_path).get("outputs", {}).get(WORD_LIST_FILENAME)
+            if isinstance(written, dict):  # the builder wrote the list on disk (it keeps a real download)
+                return written.get("substitute")
+    return None
+
+
+def load_mixture(title, parts):
+    """
+    The TaskMixture of every part whose data is there. Prints (rank 0) one line per part: rows,
+    and SUBSTITUTE with the builder's label where offline data stands in for the real split, or
+    MISSING with the reason; a mixture with no data at all is a MissingInputError.
+    """
+    tasks, lines = [], []
+    for part in parts:
+        if part.copies < 1:
+            continue  # e.g. --mmlu-epochs=0
+        copies = f" x{part.copies}" if part.copies > 1 else ""
+        try:
+            task = part.build()
+        except MissingInputError as error:
+            lines.append(f"{part.name}{copies}: MISSING, left out ({error})")
+            continue
+        substitute = _substitute_of(part, task)
+        lines.append(f"{part.name}{copies}: {len(task):,} rows" + (f", SUBSTITUTE: {substitute}" if substitute else ""))
+        tasks += [task] * part.copies
+    mixture = TaskMixture(tasks)
+    print0(f"{title}: {len(mixture):,} rows")
+    for line in lines:
+        print0(f"  {line}")
+    if len(mixture) == 0:
+        raise MissingInputError(f"the {title.lower()} has no data: download the task data, or without internet build "
+                                "the offline copies with `python -m dev.offline_data tasks`")
+    return Mixture(mixture, lines)
+
+
+def mixture_markdown(title, mixture):
+    return f"### {title} ({len(mixture.task):,} rows)\n" + "".join(f"- {line}\n" for line in mixture.lines)
+
+
+def first_rows(task, limit):
+    """The task cut to its first `limit` examples (or all of them, when it has fewer)."""
+    task.stop = min(limit, task.num_examples())
+    return task
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints that resume
+
+
+def _encode_tensor(tensor):
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_tensor(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state(device):
+    state = {"cpu": _encode_tensor(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = _encode_tensor(torch.cuda.get_rng_state(device))
+    return state
+
+
+def restore_rng(state, device):
+    torch.set_rng_state(_decode_tensor(state["cpu"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(_decode_tensor(state["cuda"]), device)
+
+
+def saved_steps(checkpoint_dir):
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", name)))
+
+
+def save_resumable_checkpoint(checkpoint_dir, step, model, optimizer, loop, loader_state, meta, runtime):
+    """
+    On every rank: weights (rank 0), this rank's optimizer shard, and a meta with the full model
+    config, the loop state (a dataclass), every rank's loader state and the RNG state.
+    """
+    loader_states = [loader_state]
+    if runtime.ddp:
+        loader_states = [None] * runtime.world_size
+        dist.all_gather_object(loader_states, loader_state)
+    meta = {**meta, "step": step, "model_config": dict(model.config.__dict__), "loop_state": dataclasses.asdict(loop),
+            "loader_states": loader_states, "rng_state": rng_state(runtime.device)}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta,
+                    rank=runtime.rank, collective=True)
+
+
+def check_resume_step(checkpoint_dir, step):
+    """A --resume-from-step that names no complete checkpoint is one line listing the ones there are."""
+    if not os.path.exists(meta_path(checkpoint_dir, step)):
+        steps = saved_steps(checkpoint_dir)
+        there = f"saved steps: {', '.join(map(str, steps))}" if steps else "none saved yet"
+        raise MissingInputError(f"--resume-from-step={step}: no checkpoint at {meta_path(checkpoint_dir, step)} ({there})")
+
+
+def load_resume_checkpoint(checkpoint_dir, step, model, runtime):
+    """Weights into the model, the RNG restored; returns (meta, this rank's loader state)."""
+    check_resume_step(checkpoint_dir, step)
+    print0(f"Resuming from step {step} of {checkpoint_dir}")
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, runtime.device, load_optimizer=False)
+    saved_config = GPTConfig(**meta["model_config"])
+    if saved_config != model.config:
+        raise ConfigError(f"the checkpoint at step {step} is a model {saved_config}, but the source model is "
+                          f"{model.config}; resume with the --model-tag of the original run")
+    load_model_state(model, model_data)
+    restore_rng(meta["rng_state"], runtime.device)
+    if len(meta["loader_states"]) != runtime.world_size:
+        print0(f"Resuming a {len(meta['loader_states'])}-rank run on {runtime.world_size} ranks: the optimizer state is "
+               "re-sharded and the unread data re-dealt")
+    return meta, loader_state_for_rank(meta["loader_states"], runtime.rank, runtime.world_size)
+
+
+def load_resume_optimizer(optimizer, checkpoint_dir, step, runtime):
+    optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, step, runtime.device, runtime.rank,
+                                                      runtime.world_size))
+
+
+def restore_loop_state(loop_class, meta):
+    return loop_class(**meta["loop_state"])
+
+
+def warm_start_optimizer(optimizer, source, runtime, model_tag=None, step=None):
+    """
+    Load the optimizer state (momentum and second-moment buffers) that phase `source` saved with its
+    checkpoint, keeping this run's hyperparameters (learning rates, momentum, weight decay).
+    Returns False, after saying so, when that checkpoint has no optimizer state.
+    """
+    state = load_optimizer_state(source, runtime.device, runtime.rank, model_tag=model_tag, step=step,
+                                 world_size=runtime.world_size)
+    if state is None:
+        print0(f"The {source} checkpoint has no optimizer state: starting the optimizer fresh")
+        return False
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, hyperparameters):
+        group.update(own)
+    print0(f"Warm-started the optimizer from the {source} checkpoint (learning rates reset to this run's)")
+    return True

@@ -1,0 +1,289 @@
+"""
+Midtraining: teach a pretrained base model the conversation format (special tokens), multiple-
+choice answers, calculator tool use and spelling, on a mixture of chat data (one pass by default).
+
+Run it:
+    python -m scripts.mid_train                                                 # one GPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --run=mid
+    python -m scripts.mid_train --device-type=cpu --max-seq-len=256 --device-batch-size=16 \
+        --total-batch-size=8192 --eval-every=50 --eval-tokens=65536 --num-iterations=100   # CPU
+    python -m scripts.mid_train ... --save-every=50 --resume-from-step=50         # continue a run
+
+Training mixture (TaskMixture, shuffled once): SmolTalk train, MMLU auxiliary_train, GSM8K main
+train, the identity conversations twice, SimpleSpelling (200K) and SpellingBee (80K); validation:
+SmolTalk test, the first 5,200 of MMLU test and 420 of GSM8K test. Offline (no hub), the copies
+that `python -m dev.offline_data tasks` builds stand in; the start-up lists each part with its row
+count and whether it is a substitute or missing, and the report says the same.
+
+Rows are packed best-fit with whole conversations and padded, never cropped (nanochat.chat_data);
+every token is trained on. --num-iterations=-1 stops after one pass over the mixture (all ranks
+stop together); LR is flat for the first 80% of the progress, then linear to 0; Muon momentum warms
+up 0.85 -> 0.95 over 300 steps. The model (and the optimizer kernels) are torch.compile'd as in
+base_train; NANOCHAT_COMPILE=0 runs eagerly.
+
+Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/, tokenizer/, task_data/,
+       identity_conversations.jsonl (else a small offline identity set, labelled), words_alpha.txt.
+Writes $NANOCHAT_BASE_DIR/mid_checkpoints/<model-tag or d<depth>>/{model,meta,optim}_<step>.* (the full
+model config and every rank's optimizer shard) and the "Midtraining" report section.
+"""
+
+import os
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.chat_data import packed_conversation_batches
+from nanochat.common import (
+    COMPUTE_DTYPE, ConfigError, compile_enabled, compute_cleanup, get_base_dir, parse_flags, print0, print_banner,
+    run_script,
+)
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from scripts.base_train import manage_garbage_collection, muon_momentum, step_with_loss_scaling, synchronize
+from scripts.chat_training import (
+    MixturePart, check_resume_step, first_rows, init_wandb, load_mixture, load_resume_checkpoint,
+    load_resume_optimizer, load_source_model, mixture_markdown, restore_loop_state, save_resumable_checkpoint,
+    setup_runtime, synchronize_flags,
+)
+from tasks.gsm8k import GSM8K
+from tasks.identity import identity_conversations
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import WORD_LIST_FILENAME, SimpleSpelling, SpellingBee
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Midtrain a base model on chat data",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--model-tag", type=str, default=None, help="base model to load, and the name of the output directory (default: the largest base model; output d<depth>)")
+    parser.add_argument("--model-step", type=int, default=None, help="step of the base model to load (default: its last)")
+    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture); the end of the pass stops a run either way")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row")
+    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
+    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte and value embeddings")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (not scheduled)")
+    parser.add_argument("--init-lr-frac", type=float, default=1.0, help="every LR is multiplied by this")
+    parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps and at the end (-1 = off)")
+    parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of val data per bpb evaluation")
+    parser.add_argument("--save-every", type=int, default=-1, help="also save every N steps, to resume from (-1 = only at the end)")
+    parser.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its checkpoint at this step (-1 = start fresh)")
+    parser.add_argument("--dry-run", action="store_true", help="log to wandb but write no checkpoint and no report")
+    return parse_flags(parser, argv)
+
+
+def training_mixture():
+    return [
+        MixturePart("SmolTalk train", lambda: SmolTalk(split="train"), ("HuggingFaceTB/smol-smoltalk", "default", "train")),
+        MixturePart("MMLU auxiliary_train", lambda: MMLU(subset="auxiliary_train", split="train"), ("cais/mmlu", "all", "auxiliary_train")),
+        MixturePart("GSM8K main train", lambda: GSM8K(subset="main", split="train"), ("openai/gsm8k", "main", "train")),
+        MixturePart("identity conversations", identity_conversations, copies=2),  # two epochs of these
+        MixturePart("SimpleSpelling (200K)", lambda: SimpleSpelling(size=200_000, split="train"), WORD_LIST_FILENAME),
+        MixturePart("SpellingBee (80K)", lambda: SpellingBee(size=80_000, split="train"), WORD_LIST_FILENAME),
+    ]
+
+
+def validation_mixture():
+    # test-set slices in the proportions of the training mixture
+    return [
+        MixturePart("SmolTalk test", lambda: SmolTalk(split="test"), ("HuggingFaceTB/smol-smoltalk", "default", "test")),
+        MixturePart("MMLU all test (first 5,200)", lambda: first_rows(MMLU(subset="all", split="test"), 5200), ("cais/mmlu", "all", "test")),
+        MixturePart("GSM8K main test (first 420)", lambda: first_rows(GSM8K(subset="main", split="test"), 420), ("openai/gsm8k", "main", "test")),
+    ]
+
+
+@dataclass
+class Plan:
+    tokens_per_step: int
+    grad_accum_steps: int
+    eval_steps: int
+    flops_per_token: float
+
+
+def plan_batches(args, model, world_size):
+    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
+    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+    if min(args.device_batch_size, args.max_seq_len, args.total_batch_size) < 1 or args.total_batch_size % world_tokens_per_fwdbwd:
+        raise ConfigError(f"--total-batch-size={args.total_batch_size} must be a positive multiple of device_batch_size * "
+                          f"max_seq_len * world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = "
+                          f"{world_tokens_per_fwdbwd}")
+    eval_steps = args.eval_tokens // world_tokens_per_fwdbwd
+    if args.eval_every > 0 and eval_steps == 0:
+        raise ConfigError(f"--eval-tokens={args.eval_tokens} is less than one evaluation batch ({world_tokens_per_fwdbwd} tokens); "
+                          "raise it or pass --eval-every=-1")
+    grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+    print0(f"Tokens / micro-batch / rank: {args.device_batch_size} x {args.max_seq_len} = {tokens_per_fwdbwd:,}")
+    print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
+    print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
+    return Plan(args.total_batch_size, grad_accum_steps, eval_steps, model.estimate_flops())
+
+
+def build_optimizer(args, model):
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
+def lr_multiplier(progress):
+    """Flat for the first 80% of the progress, then linear to 0."""
+    return 1.0 if progress < 0.8 else max(0.0, 1 - (progress - 0.8) / 0.2)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step; saved in every checkpoint's meta as loop_state."""
+    step: int = 0
+    progress: float = 0.0  # fraction of the run done before this step (of the data, or of --num-iterations)
+    val_bpb: float | None = None
+    min_val_bpb: float = float("inf")
+    smooth_train_loss: float = 0.0  # EMA of the train loss, not yet debiased
+    total_training_time: float = 0.0  # seconds, excluding the first 10 steps (compilation)
+
+
+def evaluate_val_bpb(model, tokenizer, val_dataset, args, plan, token_bytes, device):
+    model.eval()
+    batches = packed_conversation_batches(val_dataset, tokenizer, args.device_batch_size, args.max_seq_len, device=device)
+    val_bpb = evaluate_bpb(model, batches, plan.eval_steps, token_bytes)
+    model.train()
+    return val_bpb
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = dict(vars(args))
+    print_banner()
+    runtime = setup_runtime(args.device_type)
+    device = runtime.device
+    wandb_run = init_wandb("nanochat-mid", args.run, user_config, runtime)
+
+    orig_model, tokenizer, base_meta = load_source_model("base", device, args.model_tag, args.model_step)
+    pretrain_batch_size = base_meta.get("device_batch_size")
+    if pretrain_batch_size is not None and args.device_batch_size > pretrain_batch_size:
+        print0(f"FOOTGUN WARNING: base model training used device_batch_size {pretrain_batch_size}, "
+               "did you pass in a good --device-batch-size to this script?")
+    plan = plan_batches(args, orig_model, runtime.world_size)
+    checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", args.model_tag or f"d{orig_model.config.n_layer}")
+    resuming = args.resume_from_step >= 0
+    if resuming:
+        check_resume_step(checkpoint_dir, args.resume_from_step)  # before the (slower) data loading
+    train_mixture = load_mixture("Training mixture", training_mixture())
+    val_mixture = load_mixture("Validation mixture", validation_mixture())
+    token_bytes = get_token_bytes(device=device)
+
+    loop, loader_state = LoopState(), None
+    if resuming:
+        meta, loader_state = load_resume_checkpoint(checkpoint_dir, args.resume_from_step, orig_model, runtime)
+        loop = restore_loop_state(LoopState, meta)
+    model = torch.compile(orig_model, dynamic=False) if compile_enabled(runtime.device_type) else orig_model
+    optimizer = build_optimizer(args, orig_model)
+    if resuming:
+        load_resume_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
+    scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
+
+    train_size = len(train_mixture.task)
+    train_loader = packed_conversation_batches(train_mixture.task, tokenizer, args.device_batch_size, args.max_seq_len,
+                                               device=device, resume_state=loader_state)
+    x, y, next_loader_state = next(train_loader)  # prefetch
+    consumed_loader_state = loader_state  # after the last batch actually trained on
+    first_step = loop.step
+    mfu = 0.0
+
+    while True:
+        step = loop.step
+        # The run ends at --num-iterations or when the batch in hand crosses the end of the data;
+        # every rank must agree, and on the progress that sets the LR.
+        consumed = consumed_loader_state["consumed"] / train_size if consumed_loader_state else 0.0
+        done = next_loader_state["consumed"] >= train_size or 0 < args.num_iterations <= step
+        progress = step / args.num_iterations if args.num_iterations > 0 else consumed
+        done, loop.progress = synchronize_flags([float(done), progress], runtime)
+        last_step = bool(done)
+
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            loop.val_bpb = evaluate_val_bpb(model, tokenizer, val_mixture.task, args, plan, token_bytes, device)
+            print0(f"Step {step:05d} | Validation bpb: {loop.val_bpb:.4f}")
+            loop.min_val_bpb = min(loop.min_val_bpb, loop.val_bpb)
+            wandb_run.log({"step": step, "total_training_flops": plan.flops_per_token * plan.tokens_per_step * step,
+                           "total_training_time": loop.total_training_time, "val/bpb": loop.val_bpb})
+
+        periodic_save = args.save_every > 0 and step > 0 and step != args.resume_from_step and step % args.save_every == 0
+        if not args.dry_run and (last_step or periodic_save):
+            save_resumable_checkpoint(checkpoint_dir, step, orig_model, optimizer, loop, consumed_loader_state, {
+                "val_bpb": loop.val_bpb, "user_config": user_config, "device_batch_size": args.device_batch_size,
+                "max_seq_len": args.max_seq_len, "total_batch_size": args.total_batch_size,
+            }, runtime)
+        if last_step:
+            break
+
+        synchronize(device)
+        t0 = time.time()
+        for _ in range(plan.grad_accum_steps):
+            loss = model(x, y)
+            train_loss = loss.detach()
+            loss = loss / plan.grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            consumed_loader_state = next_loader_state
+            x, y, next_loader_state = next(train_loader)  # prefetch while the device works
+        lrm = lr_multiplier(loop.progress)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        if scaler:
+            step_with_loss_scaling(scaler, optimizer, runtime.ddp)
+        else:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        train_loss_f = train_loss.item()
+        synchronize(device)
+        dt = time.time() - t0
+
+        loop.step += 1
+        ema_beta = 0.9
+        loop.smooth_train_loss = ema_beta * loop.smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased_loss = loop.smooth_train_loss / (1 - ema_beta ** loop.step)
+        tok_per_sec = int(plan.tokens_per_step / dt)
+        mfu = 100 * plan.flops_per_token * plan.tokens_per_step / dt / (runtime.peak_flops * runtime.world_size)
+        if loop.step > 10:
+            loop.total_training_time += dt  # the first steps include compilation
+        print0(f"step {loop.step:05d} ({100 * loop.progress:.2f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {next_loader_state['epoch']} | "
+               f"total time: {loop.total_training_time / 60:.2f}m")
+        if loop.step % 10 == 0:
+            wandb_run.log({"step": loop.step, "total_training_flops": plan.flops_per_token * plan.tokens_per_step * loop.step,
+                           "total_training_time": loop.total_training_time, "train/loss": debiased_loss, "train/lrm": lrm,
+                           "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+        manage_garbage_collection(step, first_step)
+
+    peak_memory_mib = torch.cuda.max_memory_allocated() / 1024**2 if runtime.device_type == "cuda" else 0.0
+    print0(f"Peak memory usage: {peak_memory_mib:.2f}MiB")
+    print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
+    if loop.min_val_bpb != float("inf"):
+        print0(f"Minimum validation bpb: {loop.min_val_bpb:.4f}")
+    if not args.dry_run:
+        get_report().log(section="Midtraining", data=[
+            user_config,
+            {"Number of iterations": loop.step, "DDP world size": runtime.world_size},
+            {"Minimum validation bpb": loop.min_val_bpb if loop.min_val_bpb != float("inf") else None,
+             "MFU %": f"{mfu:.2f}%"},
+            mixture_markdown("Training mixture", train_mixture),
+            mixture_markdown("Validation mixture", val_mixture),
+        ])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_script(main, "mid_train")
