@@ -22,6 +22,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import REPO_ROOT, child_env, free_port
 from nanochat.chat_data import loader_state_for_rank, packed_conversation_batches
@@ -109,18 +110,27 @@ def chat_base_dir(tiny_checkpoint, tiny_base_dir, tmp_path_factory):
     return base
 
 
+def phase_env(base):
+    """child_env, and a hub address that refuses at once: a split the test leaves out is missing, never downloaded."""
+    return dict(child_env(base), NANOCHAT_HUB_URL=f"http://127.0.0.1:{free_port()}")
+
+
 @contextlib.contextmanager
 def phase_environment(base):
-    """The environment a script subprocess would get (child_env), in this process; gc as it was after."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in child_env(base).items() if k.startswith(("NANOCHAT_", "WANDB_"))})
+    """The environment of a script subprocess (phase_env, one thread), in this process; gc and threads as they were after."""
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    os.environ.update({k: v for k, v in phase_env(base).items() if k.startswith(("NANOCHAT_", "WANDB_"))})
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
+    # one thread, as OMP_NUM_THREADS=1 gives a subprocess: tiny models on a busy 2-core machine
+    # run ~30x slower with two threads that wait on each other
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_num_threads(threads)
         gc.unfreeze()  # the training loop freezes and disables the collector after its first step
         gc.enable()
 
@@ -347,6 +357,7 @@ chat_sft({sft_flags!r})
 """
 
 
+@pytest.mark.slow  # three interpreters start (the launcher and 2 ranks): ~20 s idle, ~45 s on a busy 2-core box
 def test_a_two_rank_save_resumes_on_one_rank(chat_base_dir, tmp_path):
     from scripts.chat_sft import main as chat_sft
     from scripts.mid_train import main as mid_train
@@ -357,7 +368,7 @@ def test_a_two_rank_save_resumes_on_one_rank(chat_base_dir, tmp_path):
     sft_flags = [*SFT_FLAGS, "--model-tag=two", "--num-iterations=4", "--save-every=2", "--eval-every=-1"]
     worker = tmp_path / "two_rank_worker.py"
     worker.write_text(TWO_RANK_WORKER.format(mid_flags=mid_flags, sft_flags=sft_flags, sft_port=free_port()))
-    env = dict(child_env(chat_base_dir), PYTHONPATH=REPO_ROOT)
+    env = dict(phase_env(chat_base_dir), PYTHONPATH=REPO_ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
     two = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     if two.returncode != 0 and GLOO_EXIT_ABORT in two.stderr:
