@@ -52,6 +52,18 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be used (damaged, or inconsistent with its meta)."""
 
 
+# The script that writes each checkpoints directory, for "run X first" messages.
+PRODUCING_SCRIPT = {"base_checkpoints": "scripts.base_train", "mid_checkpoints": "scripts.mid_train",
+                    "chatsft_checkpoints": "scripts.chat_sft", "chatrl_checkpoints": "scripts.chat_rl"}
+
+
+def _run_first(path):
+    """'run scripts.X first' for the checkpoints directory that path is in (or is)."""
+    parts = os.path.normpath(path).split(os.sep)
+    script = next((PRODUCING_SCRIPT[p] for p in reversed(parts) if p in PRODUCING_SCRIPT), None)
+    return f"run {script} first" if script else "run the training phase first"
+
+
 def log0(message):
     if int(os.environ.get("RANK", 0)) == 0:
         logger.info(message)
@@ -151,7 +163,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     step = int(step)
     model_file = model_path(checkpoint_dir, step)
     if not os.path.exists(model_file):
-        raise MissingInputError(f"no checkpoint at {model_file}: run base_train first or pass --model-tag/--step")
+        raise MissingInputError(f"no checkpoint at {model_file}: {_run_first(checkpoint_dir)} or pass --model-tag/--step")
     meta_data = _load_meta(checkpoint_dir, step)
     optimizer_file = optim_path(checkpoint_dir, step, rank)
     if load_optimizer and not os.path.exists(optimizer_file):
@@ -300,10 +312,10 @@ def build_model(checkpoint_dir, step, device, phase):
 def find_largest_model(checkpoints_dir):
     """The model tag to load by default: the deepest d<depth> directory, else the newest one."""
     if not os.path.isdir(checkpoints_dir):
-        raise MissingInputError(f"no checkpoints directory at {checkpoints_dir}: run base_train first")
+        raise MissingInputError(f"no checkpoints directory at {checkpoints_dir}: {_run_first(checkpoints_dir)}")
     model_tags = [name for name in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, name))]
     if not model_tags:
-        raise MissingInputError(f"no checkpoints in {checkpoints_dir}: run base_train first")
+        raise MissingInputError(f"no checkpoints in {checkpoints_dir}: {_run_first(checkpoints_dir)}")
     depths = [(int(m.group(1)), tag) for tag in model_tags if (m := re.match(r"d(\d+)", tag))]
     if depths:
         return max(depths)[1]
@@ -319,7 +331,7 @@ def find_last_step(checkpoint_dir):
             if m and os.path.exists(os.path.join(checkpoint_dir, f"meta_{m.group(1)}.json")):
                 steps.append(int(m.group(1)))
     if not steps:
-        raise MissingInputError(f"no complete checkpoint in {checkpoint_dir}: run the training phase first")
+        raise MissingInputError(f"no complete checkpoint in {checkpoint_dir}: {_run_first(checkpoint_dir)}")
     return max(steps)
 
 
@@ -337,7 +349,7 @@ def _resolve_checkpoint(checkpoints_dir, model_tag=None, step=None):
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         available = sorted(os.listdir(checkpoints_dir)) if os.path.isdir(checkpoints_dir) else []
-        raise MissingInputError(f"no checkpoint at {checkpoint_dir}: run base_train first or pass --model-tag "
+        raise MissingInputError(f"no checkpoint at {checkpoint_dir}: {_run_first(checkpoints_dir)} or pass --model-tag "
                                 f"(available: {', '.join(available) or 'none'})")
     if step is None:
         step = find_last_step(checkpoint_dir)

@@ -37,7 +37,7 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} has no evaluation")
 
     def __len__(self):
-        stop = self.num_examples() if self.stop is None else self.stop
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
         return max(0, -(-(stop - self.start) // self.step))  # ceil
 
     def __getitem__(self, index):

@@ -321,10 +321,14 @@ def test_resaving_a_step_removes_its_old_meta_until_the_new_one_lands(base_dir, 
 
 def test_missing_checkpoint_error_names_the_path_and_what_to_do(base_dir):
     checkpoint_dir = str(base_dir / "ckpt")
-    with pytest.raises(FileNotFoundError, match=r"model_000004\.pt.*run base_train first or pass --model-tag/--step"):
+    with pytest.raises(FileNotFoundError, match=r"model_000004\.pt.*run the training phase first or pass --model-tag/--step"):
         cm.load_checkpoint(checkpoint_dir, 4, "cpu")
-    with pytest.raises(FileNotFoundError, match="base_checkpoints.*run base_train first"):
+    with pytest.raises(FileNotFoundError, match=r"model_000004\.pt.*run scripts\.mid_train first"):
+        cm.load_checkpoint(str(base_dir / "mid_checkpoints" / "d4"), 4, "cpu")
+    with pytest.raises(FileNotFoundError, match=r"base_checkpoints.*run scripts\.base_train first"):
         cm.load_model("base", "cpu", phase="eval")
+    with pytest.raises(FileNotFoundError, match=r"chatsft_checkpoints.*run scripts\.chat_sft first"):
+        cm.load_model("sft", "cpu", phase="eval")
     os.makedirs(base_dir / "base_checkpoints" / "d4")
     with pytest.raises(FileNotFoundError, match=r"d6.*--model-tag.*available: d4"):
         cm.load_model("base", "cpu", phase="eval", model_tag="d6")

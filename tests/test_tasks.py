@@ -57,6 +57,7 @@ def test_task_slices_are_lazy_views_with_ceil_length():
     assert names(Numbers("a", 10)) == [f"a{i}" for i in range(10)]
     assert names(Numbers("a", 10, start=2, stop=9, step=3)) == ["a2", "a5", "a8"]
     assert len(Numbers("a", 10, start=3)) == 7 and len(Numbers("a", 10, start=0, stop=10, step=4)) == 3
+    assert names(Numbers("a", 4, stop=100)) == ["a0", "a1", "a2", "a3"]  # a stop past the end is the end
     with pytest.raises(IndexError):
         Numbers("a", 10, stop=4)[4]
     with pytest.raises(TypeError):
