@@ -8,7 +8,8 @@
 #
 # Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat: data, checkpoints, report),
 # NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default dummy = no wandb), RUN_RL=1 (also run
-# RL on GSM8K and its eval), PHASE_DRY_RUN=1 (print what would run, run nothing).
+# RL on GSM8K and its eval), SKIP_INSTALL=1 (.venv is set up already), PHASE_DRY_RUN=1 (print
+# what would run, run nothing).
 #
 # Safe to re-run after a crash or a lost node: a phase whose report section (and checkpoint)
 # exist is skipped; a training phase cut short resumes from its last checkpoint (they save every
@@ -30,7 +31,7 @@ TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC_PER_NODE" -m)
 source dev/phase_lib.sh
 
 if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
-    bash dev/install.sh
+    [ "${SKIP_INSTALL:-0}" = 1 ] || bash dev/install.sh
     # shellcheck source=/dev/null
     source .venv/bin/activate
 fi

