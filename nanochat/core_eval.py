@@ -394,9 +394,14 @@ def place_eval_bundle(zip_path, target_dir):
 _DOWNLOAD_FAILURE = {}  # url -> reason, so a process that found no network does not retry at every call
 
 
+def bundle_url():
+    """Where the eval bundle is downloaded from: $NANOCHAT_EVAL_BUNDLE_URL (a mirror) or upstream's."""
+    return os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or EVAL_BUNDLE_URL
+
+
 def download_bundle(base_dir):
     """$base_dir/eval_bundle, downloaded and placed if needed; None (with the reason remembered) when it cannot be."""
-    url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or EVAL_BUNDLE_URL
+    url = bundle_url()
     target = os.path.join(base_dir, BUNDLE_DIRNAME)
     if url in _DOWNLOAD_FAILURE:
         return None
@@ -431,8 +436,8 @@ def find_bundle(bundle_dir=None):
     if os.path.isdir(offline):
         print0(f"Using the offline reconstruction of the CORE tasks in {offline}")
         return offline, True
-    raise MissingInputError(f"no CORE eval bundle: {real} is absent and {EVAL_BUNDLE_URL} cannot be downloaded "
-                            f"({_DOWNLOAD_FAILURE.get(os.environ.get('NANOCHAT_EVAL_BUNDLE_URL') or EVAL_BUNDLE_URL)}); "
+    raise MissingInputError(f"no CORE eval bundle: {real} is absent and {bundle_url()} cannot be downloaded "
+                            f"({_DOWNLOAD_FAILURE.get(bundle_url())}); "
                             f"without internet, rebuild what exists offline with `{OFFLINE_BUILDER}`")
 
 
