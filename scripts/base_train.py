@@ -211,6 +211,7 @@ def manage_garbage_collection(step, first_step):
 
 
 def synchronize(device):
+    """Wait for the device, so that host timers measure its work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     elif device.type == "mps":
@@ -231,17 +232,22 @@ class Runtime:
     peak_flops: float
 
 
-def setup_runtime(args):
-    """Pick the device, join the process group under torchrun, and say what hardware and kernels run."""
-    device_type = args.device_type or autodetect_device_type()
+def init_runtime(device_type):
+    """Pick the device (empty = autodetect), join the process group under torchrun, and find the peak FLOP/s for MFU."""
+    device_type = device_type or autodetect_device_type()
     ddp, rank, _, world_size, device = compute_init(device_type)
+    peak_flops = float("inf")  # MFU is only meaningful on a GPU
     if device_type == "cuda":
         gpu_name = torch.cuda.get_device_name(device)
         peak_flops = get_peak_flops(gpu_name)
         print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
-    else:
-        peak_flops = float("inf")  # MFU is only meaningful on a GPU
     print0(f"Compute dtype: {COMPUTE_DTYPE}")
+    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
+
+
+def setup_runtime(args):
+    """init_runtime, then which attention kernels run (the chat phases share init_runtime; only this one has --window-pattern)."""
+    runtime = init_runtime(args.device_type)
     if flash_attention.USE_FA3:
         print0("Using Flash Attention 3.")
     else:
@@ -249,7 +255,7 @@ def setup_runtime(args):
         if args.window_pattern.upper() != "L":
             print0(f"WARNING: SDPA runs the sliding windows of --window-pattern={args.window_pattern} with explicit masks, "
                    "which is slow; consider --window-pattern=L.")
-    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
+    return runtime
 
 
 def build_and_describe_model(args, vocab_size, device):
@@ -605,11 +611,7 @@ def main(argv=None):
             consumed_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the GPU works
         lrm = set_schedules(optimizer, step, plan, args)
-        if scaler:
-            step_with_loss_scaling(scaler, optimizer, runtime.ddp)
-        else:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
+        update_weights(model, optimizer, scaler, runtime.ddp)
         train_loss_f = train_loss.item()
         synchronize(device)
         dt = time.time() - t0
@@ -679,6 +681,15 @@ def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_siz
         # which tasks the CORE estimate covers, e.g. a partial offline reconstruction of the eval bundle
         {"CORE tasks": core_label} if core_label else None,
     ])
+
+
+def update_weights(model, optimizer, scaler, ddp):
+    """The optimizer step (through the loss scaler under fp16), then the gradients cleared; every phase's update."""
+    if scaler:
+        step_with_loss_scaling(scaler, optimizer, ddp)
+    else:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
 
 
 def step_with_loss_scaling(scaler, optimizer, ddp):

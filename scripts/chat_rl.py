@@ -58,20 +58,19 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
-    build_model, checkpoints_dir_for, find_largest_model, find_last_step, load_optimizer_for_rank, meta_path,
-    model_path, save_checkpoint,
+    build_model, checkpoints_dir_for, find_largest_model, find_last_step, meta_path, model_path, save_checkpoint,
 )
 from nanochat.common import (
-    COMPUTE_DTYPE, ConfigError, DummyWandb, MissingInputError, autodetect_device_type, compute_cleanup,
-    compute_init, get_peak_flops, parse_flags, print0, print_banner, run_script,
+    COMPUTE_DTYPE, ConfigError, MissingInputError, compute_cleanup, parse_flags, print0, print_banner, run_script,
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from scripts.base_train import init_runtime, synchronize, update_weights
+from scripts.chat_training import PHASE_SCRIPTS, build_optimizer, init_wandb, load_resume_optimizer
 from tasks.gsm8k import GSM8K
 from tasks.hub import PROVENANCE_NAME, task_data_dir
 
-# The script that writes each source phase's checkpoints, named when one is missing.
-SOURCE_SCRIPTS = {"mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
+SOURCES = ("mid", "sft")  # phases whose model RL can start from
 EVAL_SEED = 42  # every test problem is sampled with the same seed (the Engine's default), as upstream
 
 
@@ -81,7 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     # the model to start from
-    parser.add_argument("--source", type=str, default="sft", choices=list(SOURCE_SCRIPTS), help="phase whose model to train")
+    parser.add_argument("--source", type=str, default="sft", choices=SOURCES, help="phase whose model to train")
     parser.add_argument("--model-tag", type=str, default=None,
                         help="checkpoint directory of the source and of the output (None = the source's largest model, output d<depth>)")
     parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (None = the last)")
@@ -157,28 +156,6 @@ def policy_gradient_loss(token_log_probs, targets, advantages, normalizer):
 # Setup
 
 
-@dataclass
-class Runtime:
-    device_type: str
-    ddp: bool
-    rank: int
-    world_size: int
-    device: torch.device
-    peak_flops: float
-
-
-def setup_runtime(args):
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
-    peak_flops = float("inf")  # MFU is only meaningful on a GPU
-    if device_type == "cuda":
-        gpu_name = torch.cuda.get_device_name(device)
-        peak_flops = get_peak_flops(gpu_name)
-        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
-    print0(f"Compute dtype: {COMPUTE_DTYPE}")
-    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
-
-
 def check_flags(args, world_size):
     """Flag combinations that cannot work, each one line before anything is loaded."""
     positive = ["device_batch_size", "examples_per_step", "num_samples", "max_new_tokens", "num_epochs"]
@@ -206,7 +183,10 @@ class Source:
 
 
 def resolve_source(args):
-    """The source checkpoint's directory, step and meta; a missing one names the phase that writes it."""
+    """
+    The source checkpoint's directory, step and meta; a missing one names the phase that writes it.
+    Not chat_training.load_source_model: a resumed run builds its model from its own checkpoint.
+    """
     checkpoints_dir = checkpoints_dir_for(args.source)
     where = os.path.join(checkpoints_dir, args.model_tag) if args.model_tag else checkpoints_dir
     try:
@@ -214,8 +194,8 @@ def resolve_source(args):
         checkpoint_dir = os.path.join(checkpoints_dir, tag)
         last_step = find_last_step(checkpoint_dir)
     except MissingInputError:
-        other = next(phase for phase in SOURCE_SCRIPTS if phase != args.source)
-        raise MissingInputError(f"no {args.source} checkpoint in {where}: run {SOURCE_SCRIPTS[args.source]} first "
+        other = next(phase for phase in SOURCES if phase != args.source)
+        raise MissingInputError(f"no {args.source} checkpoint in {where}: run {PHASE_SCRIPTS[args.source]} first "
                                 f"(or pass --source {other})") from None
     step = last_step if args.model_step is None else args.model_step
     if not os.path.exists(meta_path(checkpoint_dir, step)):
@@ -258,15 +238,6 @@ def plan_run(args, num_train_problems, world_size):
                 num_train_problems)
 
 
-def build_optimizer(args, model):
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
-
-
 @dataclass
 class LoopState:
     """What a checkpoint carries besides weights and optimizer: saved in its meta as loop_state."""
@@ -276,7 +247,7 @@ class LoopState:
     pass_at_k: list = field(default_factory=list)  # of the last evaluation
 
 
-def load_resume_checkpoint(args, checkpoint_dir, plan, runtime):
+def load_rl_checkpoint(args, checkpoint_dir, plan, runtime):
     """The model saved after step --resume-from-step and the loop state to continue with."""
     step = args.resume_from_step
     if not os.path.exists(model_path(checkpoint_dir, step)):
@@ -310,14 +281,6 @@ def save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config
 
 # -----------------------------------------------------------------------------
 # Rollouts and evaluation
-
-
-def synchronize(device):
-    """Wait for the device, so that host timers measure its work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def sample_answers(engine, tokenizer, conversation, num_samples, args, seed):
@@ -427,12 +390,7 @@ def train_step(model, engine, tokenizer, task, optimizer, scaler, loop, plan, ar
     lrm = 1.0 - step / plan.num_steps
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
-    if scaler:
-        from scripts.base_train import step_with_loss_scaling  # fp16 only; the import costs seconds
-        step_with_loss_scaling(scaler, optimizer, runtime.ddp)
-    else:
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
+    update_weights(model, optimizer, scaler, runtime.ddp)
     synchronize(device)
     train_seconds += time.time() - t0
 
@@ -451,14 +409,9 @@ def main(argv=None):
     args = parse_args(argv)
     user_config = dict(vars(args))
     print_banner()
-    runtime = setup_runtime(args)
+    runtime = init_runtime(args.device_type)
     check_flags(args, runtime.world_size)
-    master_process = runtime.rank == 0
-    if args.run == "dummy" or not master_process:
-        wandb_run = DummyWandb()
-    else:
-        import wandb
-        wandb_run = wandb.init(project="nanochat-rl", name=args.run, config=user_config)
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, runtime)
 
     source = resolve_source(args)
     train_task = GSM8K(subset="main", split="train")
@@ -468,15 +421,14 @@ def main(argv=None):
     checkpoint_dir = os.path.join(checkpoints_dir_for("rl"), args.model_tag or f"d{source.meta['model_config']['n_layer']}")
 
     if args.resume_from_step >= 0:
-        model, tokenizer, loop = load_resume_checkpoint(args, checkpoint_dir, plan, runtime)
+        model, tokenizer, loop = load_rl_checkpoint(args, checkpoint_dir, plan, runtime)
     else:
         print0(f"Starting from {source.phase} checkpoint {source.checkpoint_dir} step {source.step}")
         model, tokenizer, _ = build_model(source.checkpoint_dir, source.step, runtime.device, phase="train")
         loop = LoopState()
     optimizer = build_optimizer(args, model)
     if args.resume_from_step >= 0:
-        optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, args.resume_from_step, runtime.device,
-                                                          runtime.rank, runtime.world_size))
+        load_resume_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
     scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
     engine = Engine(model, tokenizer)
     flops_per_token = model.estimate_flops()  # forward + backward; a sampled token costs about a third

@@ -49,11 +49,11 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from scripts.base_train import lr_multiplier, manage_garbage_collection, step_with_loss_scaling, synchronize
+from scripts.base_train import init_runtime, lr_multiplier, manage_garbage_collection, synchronize, update_weights
 from scripts.chat_training import (
-    MixturePart, check_resume_step, first_rows, init_wandb, load_mixture, load_resume_checkpoint,
+    MixturePart, build_optimizer, check_resume_step, init_wandb, load_mixture, load_resume_checkpoint,
     load_resume_optimizer, load_source_model, mixture_markdown, restore_loop_state, save_resumable_checkpoint,
-    setup_runtime, warm_start_optimizer,
+    warm_start_optimizer,
 )
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -105,7 +105,7 @@ def training_mixture(args):
         MixturePart("ARC-Challenge train", lambda: ARC(subset="ARC-Challenge", split="train"), ("allenai/ai2_arc", "ARC-Challenge", "train")),
         MixturePart("GSM8K main train", lambda: GSM8K(subset="main", split="train"), ("openai/gsm8k", "main", "train"),
                     copies=args.gsm8k_epochs),
-        MixturePart("SmolTalk train (first 10K)", lambda: first_rows(SmolTalk(split="train"), 10_000),
+        MixturePart("SmolTalk train (first 10K)", lambda: SmolTalk(split="train", stop=10_000),
                     ("HuggingFaceTB/smol-smoltalk", "default", "train")),
         MixturePart("identity conversations", identity_conversations),
         MixturePart("SimpleSpelling (300)", lambda: SimpleSpelling(size=300, split="train"), WORD_LIST_FILENAME),
@@ -131,15 +131,6 @@ def check_args(args, world_size):
     if args.gsm8k_epochs < 0 or args.mmlu_epochs < 0:
         raise ConfigError("--gsm8k-epochs and --mmlu-epochs count copies in the mixture: pass 0 or more")
     return args.target_examples_per_step // examples_per_fwdbwd
-
-
-def build_optimizer(args, model):
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
 
 
 @dataclass
@@ -187,7 +178,7 @@ def main(argv=None):
     args = parse_args(argv)
     user_config = dict(vars(args))
     print_banner()
-    runtime = setup_runtime(args.device_type)
+    runtime = init_runtime(args.device_type)
     device = runtime.device
     grad_accum_steps = check_args(args, runtime.world_size)
     wandb_run = init_wandb("nanochat-sft", args.run, user_config, runtime)
@@ -270,11 +261,7 @@ def main(argv=None):
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-        if scaler:
-            step_with_loss_scaling(scaler, optimizer, runtime.ddp)
-        else:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
+        update_weights(model, optimizer, scaler, runtime.ddp)
         loop.train_loss = train_loss.item()
         synchronize(device)
         dt = time.time() - t0

@@ -1,8 +1,10 @@
 """
-What the chat training phases (scripts.mid_train, scripts.chat_sft) share:
+What the chat training phases (scripts.mid_train, scripts.chat_sft) share; scripts.chat_rl uses the
+optimizer and wandb helpers (its checkpoints carry other loop state). The device setup is
+scripts.base_train.init_runtime.
 
-    setup_runtime(device_type)        device, process group, peak FLOPs
     load_source_model(source, ...)    the checkpoint a phase starts from; missing = which phase to run
+    build_optimizer(args, model)      Muon + AdamW with every LR scaled by --init-lr-frac
     load_mixture(title, parts)        a TaskMixture of named parts, printed once with row counts and
                                       which parts are offline substitutes or missing
     save_resumable_checkpoint / load_resume_checkpoint
@@ -28,31 +30,14 @@ from nanochat.checkpoint_manager import (
     checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, load_model, load_model_state,
     load_optimizer_for_rank, load_optimizer_state, meta_path, save_checkpoint,
 )
-from nanochat.common import (
-    COMPUTE_DTYPE, ConfigError, DummyWandb, MissingInputError, autodetect_device_type, compute_init, get_base_dir,
-    get_peak_flops, print0,
-)
+from nanochat.common import ConfigError, DummyWandb, MissingInputError, get_base_dir, print0
 from nanochat.gpt import GPTConfig
-from scripts.base_train import Runtime
 from tasks.common import TaskMixture
 from tasks.hub import PROVENANCE_NAME, task_data_dir
 from tasks.spellingbee import WORD_LIST_FILENAME
 
 PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
 OFFLINE_SUMMARY_NAME = "offline_tasks.json"  # written by `python -m dev.offline_data tasks` in task_data/
-
-
-def setup_runtime(device_type):
-    """Pick the device (empty = autodetect), join the process group under torchrun, and find the peak FLOP/s for MFU."""
-    device_type = device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
-    peak_flops = float("inf")  # MFU is only meaningful on a GPU
-    if device_type == "cuda":
-        gpu_name = torch.cuda.get_device_name(device)
-        peak_flops = get_peak_flops(gpu_name)
-        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
-    print0(f"Compute dtype: {COMPUTE_DTYPE}")
-    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
 
 
 def init_wandb(project, run_name, config, runtime):
@@ -91,6 +76,15 @@ def load_source_model(source, device, model_tag=None, step=None):
         raise MissingInputError(f"no {source} checkpoint at step {step} in {os.path.join(checkpoints_dir, tag)} "
                                 f"(the last one is step {last_step}): pass an existing --model-step")
     return load_model(source, device, phase="train", model_tag=tag, step=step)
+
+
+def build_optimizer(args, model):
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]  # the schedules scale this
+    return optimizer
 
 
 # -----------------------------------------------------------------------------
@@ -163,12 +157,6 @@ def load_mixture(title, parts):
 
 def mixture_markdown(title, mixture):
     return f"### {title} ({len(mixture.task):,} rows)\n" + "".join(f"- {line}\n" for line in mixture.lines)
-
-
-def first_rows(task, limit):
-    """The task cut to its first `limit` examples (or all of them, when it has fewer)."""
-    task.stop = min(limit, task.num_examples())
-    return task
 
 
 # -----------------------------------------------------------------------------

@@ -45,11 +45,11 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import manage_garbage_collection, muon_momentum, step_with_loss_scaling, synchronize
+from scripts.base_train import init_runtime, manage_garbage_collection, muon_momentum, synchronize, update_weights
 from scripts.chat_training import (
-    MixturePart, check_resume_step, first_rows, init_wandb, load_mixture, load_resume_checkpoint,
+    MixturePart, build_optimizer, check_resume_step, init_wandb, load_mixture, load_resume_checkpoint,
     load_resume_optimizer, load_source_model, mixture_markdown, restore_loop_state, save_resumable_checkpoint,
-    setup_runtime, synchronize_flags,
+    synchronize_flags,
 )
 from tasks.gsm8k import GSM8K
 from tasks.identity import identity_conversations
@@ -97,8 +97,8 @@ def validation_mixture():
     # test-set slices in the proportions of the training mixture
     return [
         MixturePart("SmolTalk test", lambda: SmolTalk(split="test"), ("HuggingFaceTB/smol-smoltalk", "default", "test")),
-        MixturePart("MMLU all test (first 5,200)", lambda: first_rows(MMLU(subset="all", split="test"), 5200), ("cais/mmlu", "all", "test")),
-        MixturePart("GSM8K main test (first 420)", lambda: first_rows(GSM8K(subset="main", split="test"), 420), ("openai/gsm8k", "main", "test")),
+        MixturePart("MMLU all test (first 5,200)", lambda: MMLU(subset="all", split="test", stop=5200), ("cais/mmlu", "all", "test")),
+        MixturePart("GSM8K main test (first 420)", lambda: GSM8K(subset="main", split="test", stop=420), ("openai/gsm8k", "main", "test")),
     ]
 
 
@@ -126,15 +126,6 @@ def plan_batches(args, model, world_size):
     print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
     print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
     return Plan(args.total_batch_size, grad_accum_steps, eval_steps, model.estimate_flops())
-
-
-def build_optimizer(args, model):
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    return optimizer
 
 
 def lr_multiplier(progress):
@@ -165,7 +156,7 @@ def main(argv=None):
     args = parse_args(argv)
     user_config = dict(vars(args))
     print_banner()
-    runtime = setup_runtime(args.device_type)
+    runtime = init_runtime(args.device_type)
     device = runtime.device
     wandb_run = init_wandb("nanochat-mid", args.run, user_config, runtime)
 
@@ -241,11 +232,7 @@ def main(argv=None):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        if scaler:
-            step_with_loss_scaling(scaler, optimizer, runtime.ddp)
-        else:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
+        update_weights(model, optimizer, scaler, runtime.ddp)
         train_loss_f = train_loss.item()
         synchronize(device)
         dt = time.time() - t0
