@@ -52,16 +52,17 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be used (damaged, or inconsistent with its meta)."""
 
 
-# The script that writes each checkpoints directory, for "run X first" messages.
-PRODUCING_SCRIPT = {"base_checkpoints": "scripts.base_train", "mid_checkpoints": "scripts.mid_train",
-                    "chatsft_checkpoints": "scripts.chat_sft", "chatrl_checkpoints": "scripts.chat_rl"}
+# The script that writes each source's checkpoints, for "run X first" messages.
+PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
+                 "rl": "scripts.chat_rl"}
 
 
 def _run_first(path):
     """'run scripts.X first' for the checkpoints directory that path is in (or is)."""
+    sources = {dirname: source for source, dirname in CHECKPOINT_DIRS.items()}
     parts = os.path.normpath(path).split(os.sep)
-    script = next((PRODUCING_SCRIPT[p] for p in reversed(parts) if p in PRODUCING_SCRIPT), None)
-    return f"run {script} first" if script else "run the training phase first"
+    source = next((sources[p] for p in reversed(parts) if p in sources), None)
+    return f"run {PHASE_SCRIPTS[source]} first" if source else "run the training phase first"
 
 
 def log0(message):

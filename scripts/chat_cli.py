@@ -18,15 +18,12 @@ Writes nothing.
 import argparse
 import os
 
-from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step, load_model
+from nanochat.checkpoint_manager import PHASE_SCRIPTS, checkpoints_dir_for, find_largest_model, find_last_step, load_model
 from nanochat.common import MissingInputError, autodetect_device_type, compute_init, parse_flags, run_script
 from nanochat.engine import Engine
 from nanochat.tokenizer import IncrementalDecoder
 
 MAX_ANSWER_TOKENS = 256
-# The script that writes each phase's checkpoints, named when one is missing.
-PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
-                 "rl": "scripts.chat_rl"}
 QUIT_COMMANDS = ("quit", "exit")
 
 

@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
-    build_model, checkpoints_dir_for, find_largest_model, find_last_step, meta_path, model_path, save_checkpoint,
+    PHASE_SCRIPTS, build_model, checkpoints_dir_for, find_largest_model, find_last_step, meta_path, model_path, save_checkpoint,
 )
 from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, MissingInputError, compute_cleanup, parse_flags, print0, print_banner, run_script,
@@ -66,7 +66,7 @@ from nanochat.common import (
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from scripts.base_train import init_runtime, synchronize, update_weights
-from scripts.chat_training import PHASE_SCRIPTS, build_optimizer, init_wandb, load_resume_optimizer
+from scripts.chat_training import build_optimizer, init_wandb, load_resume_optimizer
 from tasks.gsm8k import GSM8K
 from tasks.hub import PROVENANCE_NAME, task_data_dir
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from nanochat.chat_data import loader_state_for_rank
 from nanochat.checkpoint_manager import (
-    checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, load_model, load_model_state,
+    PHASE_SCRIPTS, checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, load_model, load_model_state,
     load_optimizer_for_rank, load_optimizer_state, meta_path, save_checkpoint,
 )
 from nanochat.common import ConfigError, DummyWandb, MissingInputError, get_base_dir, print0
@@ -36,7 +36,6 @@ from tasks.common import TaskMixture
 from tasks.hub import PROVENANCE_NAME, task_data_dir
 from tasks.spellingbee import WORD_LIST_FILENAME
 
-PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
 OFFLINE_SUMMARY_NAME = "offline_tasks.json"  # written by `python -m dev.offline_data tasks` in task_data/
 
 
