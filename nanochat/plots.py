@@ -211,14 +211,14 @@ def _save(fig, plt, output_dir, name):
     return path
 
 
-def plots_markdown(directory):
-    """A "## Plots" markdown section embedding the PNGs in directory by relative path; "" if there are none."""
+def plots_markdown(directory, link_prefix=""):
+    """A "## Plots" markdown section embedding the PNGs in directory (linked as link_prefix + name); "" if none."""
     if not os.path.isdir(directory):
         return ""
     names = sorted(name for name in os.listdir(directory) if name.endswith(".png"))
     if not names:
         return ""
-    return "## Plots\n\n" + "".join(f"![{name[:-4]}]({name})\n\n" for name in names)
+    return "## Plots\n\n" + "".join(f"![{name[:-4]}]({link_prefix}{name})\n\n" for name in names)
 
 
 # -----------------------------------------------------------------------------

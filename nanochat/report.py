@@ -15,7 +15,6 @@ import datetime
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 
@@ -192,14 +191,17 @@ class Report:
         else:
             summary.append("Total wall clock time: unknown")
 
+        from nanochat.plots import plots_markdown  # the PNGs the run scripts drew into the report dir
+
+        body = header + "".join(sections.values())
+        tail = "\n".join(summary) + "\n"
         report_path = os.path.join(self.report_dir, "report.md")
         with open(report_path, "w", encoding="utf-8") as f:
-            f.write(header)
-            for text in sections.values():
-                f.write(text)
-            f.write("\n".join(summary) + "\n")
+            f.write(body + plots_markdown(self.report_dir) + tail)
         print(f"Generated report at {report_path}")
-        shutil.copyfile(report_path, os.path.join(os.getcwd(), "report.md"))
+        # the copy in the working directory links the same PNGs by absolute path
+        with open(os.path.join(os.getcwd(), "report.md"), "w", encoding="utf-8") as f:
+            f.write(body + plots_markdown(self.report_dir, link_prefix=os.path.abspath(self.report_dir) + os.sep) + tail)
         return report_path
 
 

@@ -87,3 +87,17 @@ def test_partial_and_offline_labels_reach_the_summary_table(monkeypatch, tmp_pat
     assert table["GSM8K"] == ["-", "0.0200*", "-", "-"]
     assert "- \\* CORE (BASE): partial: 9 of 22 tasks, offline reconstruction" in text
     assert "- \\* GSM8K (MID): offline substitute: held-out GSM8K test" in text
+
+
+def test_report_links_the_plots_of_the_report_dir(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    report_dir = tmp_path / "base" / "report"
+    report = Report(str(report_dir))
+    report.reset()
+    report.log("Base model training", [{"Minimum validation bpb": 1.9}])
+    (report_dir / "d4_loss.png").write_bytes(b"\x89PNG fake")
+    text = open(report.generate(), encoding="utf-8").read()
+    assert "## Plots\n\n![d4_loss](d4_loss.png)\n" in text  # relative: beside report/report.md
+    copy = (tmp_path / "report.md").read_text()
+    assert f"![d4_loss]({report_dir / 'd4_loss.png'})" in copy  # the working-directory copy links by absolute path
+    assert text.index("## Base model training") < text.index("## Plots") < text.index("## Summary")
