@@ -21,7 +21,7 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 BASE_ITERATIONS="${BASE_ITERATIONS:-200}"
-MID_ITERATIONS="${MID_ITERATIONS:-150}"
+MID_ITERATIONS="${MID_ITERATIONS:-100}"
 SFT_ITERATIONS="${SFT_ITERATIONS:-100}"
 CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:-32}"
 DEPTH=4
@@ -69,8 +69,8 @@ run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$M
     --device-batch-size=16 --total-batch-size=8192 --eval-every=50 --eval-tokens=65536 \
     --core-metric-every=-1 --sample-every=100 --num-iterations="$BASE_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
 run_phase base_loss base-model-loss - -- python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
-# CORE on 16 examples per task: a partial score, labelled so in the report
-run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max-per-task=16
+# CORE on 8 examples per task: a partial score, labelled so in the report
+run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max-per-task=8
 
 # Identity conversations: the prepared file when it can be downloaded; otherwise midtraining and
 # SFT use the project's small offline identity set (and say so).
