@@ -8,29 +8,22 @@ dataset's own choice labels (mostly A-D; some questions use 1-4), the assistant 
 label of the correct choice. Evaluation is categorical: the sampled label equals the answer.
 """
 
-from tasks.common import Task, render_mc
-from tasks.hub import load_hub_dataset
+from tasks.common import HubTask, render_mc
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
 
 
-class ARC(Task):
+class ARC(HubTask):
+    eval_type = "categorical"
+
     def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
         if subset not in SUBSETS:
             raise ValueError(f"ARC subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
         if split not in SPLITS:
             raise ValueError(f"ARC split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.subset, self.split = subset, split
-        self.ds = load_hub_dataset("allenai/ai2_arc", subset, split).shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__("allenai/ai2_arc", subset, split, **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

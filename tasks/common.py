@@ -1,6 +1,6 @@
 """
 Datasets as conversations: the base class every task derives from, mixtures and sequences of
-tasks, and the multiple-choice prompt.
+tasks, the base of the tasks read from the hub, and the multiple-choice prompt.
 
 A conversation is a dict {"messages": [{"role": "user"|"assistant", "content": ...}, ...], ...}
 with task-specific extra fields (e.g. "letters" for multiple choice). An assistant content is a
@@ -9,6 +9,8 @@ tokenizer.render_conversation turns into tokens and a training mask.
 """
 
 import random
+
+from tasks.hub import load_hub_dataset
 
 
 class Task:
@@ -46,6 +48,20 @@ class Task:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a task of {len(self)} examples")
         return self.get_example(self.start + index * self.step)
+
+
+class HubTask(Task):
+    """
+    A task over one split of a hub dataset (tasks.hub), in the order upstream's
+    `datasets` `.shuffle(seed=42)` gives. Subclasses set eval_type and get_example.
+    """
+
+    def __init__(self, repo_id, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        self.ds = load_hub_dataset(repo_id, subset, split).shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
 
 
 class TaskMixture(Task):

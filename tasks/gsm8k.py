@@ -17,8 +17,7 @@ the reference's (the normalization of OpenAI's grade-school-math code); reward i
 
 import re
 
-from tasks.common import Task
-from tasks.hub import load_hub_dataset
+from tasks.common import HubTask
 
 SUBSETS = ("main", "socratic")
 SPLITS = ("train", "test")
@@ -58,22 +57,16 @@ def score_final_answer(conversation, assistant_response):
     return int(extract_answer(assistant_response) == extract_answer(reference["content"][-1]["text"]))
 
 
-class GSM8K(Task):
+class GSM8K(HubTask):
+    eval_type = "generative"
+
     def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
         if subset not in SUBSETS:
             raise ValueError(f"GSM8K subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
         if split not in SPLITS:
             raise ValueError(f"GSM8K split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.subset, self.split = subset, split
-        self.ds = load_hub_dataset("openai/gsm8k", subset, split).shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__("openai/gsm8k", subset, split, **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

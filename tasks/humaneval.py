@@ -12,8 +12,7 @@ nanochat.execution; success means it ran without error.
 
 import re
 
-from tasks.common import Task
-from tasks.hub import load_hub_dataset
+from tasks.common import HubTask
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
@@ -43,17 +42,11 @@ def build_program(conversation, completion):
             f"{conversation['test']}\ncheck({conversation['entry_point']})")
 
 
-class HumanEval(Task):
+class HumanEval(HubTask):
+    eval_type = "generative"
+
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.ds = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test").shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__("openai/openai_humaneval", "openai_humaneval", "test", **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

@@ -8,13 +8,13 @@ A conversation: render_mc with letters A-D, the assistant answers with the lette
 `subject` and `letters`. Evaluation is categorical: the sampled letter equals the answer.
 """
 
-from tasks.common import Task, render_mc
-from tasks.hub import load_hub_dataset
+from tasks.common import HubTask, render_mc
 
 SPLITS = {"all": ("test", "validation", "dev", "auxiliary_train"), "auxiliary_train": ("train",)}
 
 
-class MMLU(Task):
+class MMLU(HubTask):
+    eval_type = "categorical"
     letters = ("A", "B", "C", "D")
     # the 57 subjects, in the order the "all" subset concatenates them (alphabetical)
     groups = (
@@ -34,21 +34,13 @@ class MMLU(Task):
     )
 
     def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
         if subset not in SPLITS:
             raise ValueError(f"MMLU subset must be one of {', '.join(SPLITS)}, got {subset!r}")
         if split not in SPLITS[subset]:
             raise ValueError(f"MMLU subset {subset!r} has the splits {', '.join(SPLITS[subset])}, got {split!r}")
         self.subset, self.split = subset, split
         hub_subset, hub_split = ("all", "auxiliary_train") if subset == "auxiliary_train" else (subset, split)
-        self.ds = load_hub_dataset("cais/mmlu", hub_subset, hub_split).shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__("cais/mmlu", hub_subset, hub_split, **kwargs)
 
     def get_example(self, index):
         row = self.ds[index]

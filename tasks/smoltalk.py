@@ -6,27 +6,20 @@ folds it into the first user turn), then at least two strictly alternating user 
 messages with string contents. Training only; no evaluation.
 """
 
-from tasks.common import Task
+from tasks.common import HubTask
 from tasks.customjson import conversation_problem
-from tasks.hub import load_hub_dataset
 
 SPLITS = ("train", "test")
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
+    eval_type = "generative"
+
     def __init__(self, split, **kwargs):
-        super().__init__(**kwargs)
         if split not in SPLITS:
             raise ValueError(f"SmolTalk split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.split = split
-        self.ds = load_hub_dataset("HuggingFaceTB/smol-smoltalk", "default", split).shuffle(seed=42)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.ds)
+        super().__init__("HuggingFaceTB/smol-smoltalk", "default", split, **kwargs)
 
     def get_example(self, index):
         messages = self.ds[index]["messages"]

@@ -130,19 +130,22 @@ def spelling_parts(word, letter):
     ]
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """`size` generated examples over the English word list, split "train" or "test"."""
+
+    eval_type = "generative"
+
     def __init__(self, size=1000, split="train", **kwargs):
         super().__init__(**kwargs)
-        check_split("SpellingBee", split)
+        check_split(type(self).__name__, split)
         self.size, self.split = size, split
         self.words = load_words()
 
-    @property
-    def eval_type(self):
-        return "generative"
-
     def num_examples(self):
         return self.size
+
+
+class SpellingBee(WordTask):
 
     def get_example(self, index):
         # The order of the rng calls fixes every example; changing it changes the dataset.
@@ -169,20 +172,10 @@ class SpellingBee(Task):
         return float(self.evaluate(conversation, assistant_response))
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
     def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        check_split("SimpleSpelling", split)
-        self.size, self.split = size, split
-        self.words = load_words()
+        super().__init__(size, split, **kwargs)
         random.Random(42).shuffle(self.words)  # a different word order than SpellingBee's
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
 
     def get_example(self, index):
         word = example_rng(self.split, index).choice(self.words)
