@@ -8,6 +8,7 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     free_port()                 a TCP port on 127.0.0.1 nobody listens on (for gloo / servers)
     synthetic_documents(n, s)   English-like documents from a tiny grammar: learnable, varied lengths
     child_env(base)             the environment for a script subprocess working in `base`
+    kill_once_saved(cmd, env, meta)  a script subprocess SIGKILLed mid-run, right after a save
     build_gpt(config, seed, perturb)  a real GPT on CPU, initialized, optionally with noisy weights
     tiny_tokenizer              a real rustbpe-trained RustBPETokenizer (vocab 300), in memory
     tiny_base_dir               a NANOCHAT_BASE_DIR with 3 train shards, the val shard and a
@@ -16,6 +17,7 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +66,31 @@ def child_env(base):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     return env
+
+
+def kill_once_saved(cmd, env, meta_path):
+    """
+    Run the script command `cmd` and SIGKILL it at its first output line after `meta_path` exists
+    (a checkpoint's meta file is written last, so that save is whole), as a crash or a lost node
+    leaves a run: mid-way, no cleanup. Returns the output it printed; fails if it ended on its own.
+    """
+    process = subprocess.Popen([sys.executable, *cmd], cwd=REPO_ROOT, env=dict(env, PYTHONUNBUFFERED="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if os.path.exists(meta_path):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = "".join(seen)
+    assert process.returncode == -signal.SIGKILL, f"the run ended (exit {process.returncode}) before it was killed:\n{output}"
+    return output
 
 
 def build_gpt(config, seed=0, perturb=0.0):

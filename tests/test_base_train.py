@@ -8,14 +8,13 @@ Also scripts/base_loss.py on the model trained here: its bpb, report section and
 import gc
 import json
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, child_env
+from conftest import REPO_ROOT, child_env, kill_once_saved
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
 from scripts.base_train import (
@@ -186,19 +185,9 @@ def test_resume_after_kill_gives_identical_losses(base_dir):
     assert reference.returncode == 0, reference.stderr
     reference_losses = parse_losses(reference.stdout)
 
-    # Second run: SIGKILL it once the step-8 checkpoint is complete (its meta file is written last).
-    cmd = [sys.executable, "-m", "scripts.base_train", *TINY_FLAGS, *flags, "--model-tag=killed"]
-    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=child_env(base_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    meta_8 = base_dir / "base_checkpoints" / "killed" / "meta_000008.json"
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        match = STEP_LINE.match(line)
-        if match and int(match.group(1)) >= 9 and meta_8.exists():
-            process.send_signal(signal.SIGKILL)
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "".join(seen)
+    # Second run: SIGKILLed once its step-8 checkpoint is complete.
+    kill_once_saved(["-m", "scripts.base_train", *TINY_FLAGS, *flags, "--model-tag=killed"], child_env(base_dir),
+                    base_dir / "base_checkpoints" / "killed" / "meta_000008.json")
     assert not (base_dir / "base_checkpoints" / "killed" / "model_000016.pt").exists()
 
     resumed = run_base_train(base_dir, *flags, "--model-tag=killed", "--resume-from-step=8")

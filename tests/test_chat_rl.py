@@ -2,7 +2,7 @@
 scripts/chat_rl.py on CPU. The update's math on hand examples (advantages, which tokens train, the
 per-token weights and the parameter gradients against a plain log-softmax reference), then whole
 runs on a tiny real checkpoint and a tiny GSM8K copy: rewards are logged, the checkpoint loads with
-load_model("rl"), a resumed run repeats the uninterrupted one exactly, bad input is one line.
+load_model("rl"), a run SIGKILLed after a save resumes and repeats the uninterrupted one exactly, bad input is one line.
 
 The policy of the runs is the tiny base checkpoint turned into a bigram model (the blocks' output
 projections zeroed, so each next token depends only on the current one) that answers
@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, TINY_VOCAB_SIZE, build_gpt, child_env
+from conftest import REPO_ROOT, TINY_VOCAB_SIZE, build_gpt, child_env, kill_once_saved
 from nanochat.gpt import GPTConfig
 from scripts.chat_rl import advantages_from_rewards, policy_gradient_loss, rollout_seed, rollout_tensors
 from scripts.chat_rl import main as chat_rl_main
@@ -270,16 +270,21 @@ def test_tiny_run_logs_rewards_evaluates_and_saves_a_checkpoint_load_model_reads
     assert not torch.equal(source["lm_head.weight"], final_weights["lm_head.weight"])
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(rl_base, first_run):
+def test_a_run_killed_after_a_save_resumes_and_repeats_the_uninterrupted_run_exactly(rl_base, first_run):
     stdout, final_weights = first_run
-    resumed = run_chat_rl(rl_base, "--resume-from-step=1")
+    shutil.copytree(rl_base / "chatsft_checkpoints" / TAG, rl_base / "chatsft_checkpoints" / "rl_killed")
+    kill_once_saved(["-m", "scripts.chat_rl", *RUN_FLAGS, "--model-tag=rl_killed"], child_env(rl_base),
+                    rl_base / "chatrl_checkpoints" / "rl_killed" / "meta_000001.json")
+    assert not (rl_base / "chatrl_checkpoints" / "rl_killed" / "model_000003.pt").exists()
+
+    resumed = run_chat_rl(rl_base, "--model-tag=rl_killed", "--resume-from-step=1")
     passes, steps, _ = parse_run(stdout)
     resumed_passes, resumed_steps, _ = parse_run(resumed)
     assert sorted(resumed_steps) == [2, 3]
     assert resumed_steps == {step: steps[step] for step in (2, 3)}
     assert resumed_passes == {key: value for key, value in passes.items() if key[0] >= 2}  # rewards and losses
     assert any(float(loss) != 0 for loss, _ in resumed_passes.values())  # some question had rewards to learn from
-    weights = torch.load(rl_base / "chatrl_checkpoints" / TAG / "model_000003.pt", weights_only=True)
+    weights = torch.load(rl_base / "chatrl_checkpoints" / "rl_killed" / "model_000003.pt", weights_only=True)
     assert all(torch.equal(weights[k], final_weights[k]) for k in final_weights)
 
 

@@ -3,20 +3,21 @@ SFT: the one-conversation-per-row loader of nanochat.chat_data (targets are exac
 tokens of render_conversation's mask, rows padded to the longest of the batch, ranks disjoint), and
 scripts/chat_sft.py end to end on CPU on the midtrained tiny model (fixtures of test_mid_train):
 it lowers the loss, lists the mixture with what is missing, writes a checkpoint load_model("sft")
-reads, resumes with identical losses, warm-starts the optimizer with its own LRs, and rejects bad
+reads, resumes a run SIGKILLed after a save with identical losses, warm-starts the optimizer with its own LRs, and rejects bad
 input at start. The 2-rank save resumed on 1 rank is tested with midtraining in test_mid_train.
 """
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_once_saved
 from nanochat.chat_data import padded_conversation_batches
 import test_mid_train
-from test_mid_train import phase_environment, run_phase
+from test_mid_train import phase_env, phase_environment, run_phase
 
 # the session fixtures of test_mid_train: its tiny base model and task data, and one midtraining run on them
 chat_base_dir = test_mid_train.chat_base_dir
@@ -120,12 +121,16 @@ def test_chat_sft_lowers_the_loss_and_writes_a_checkpoint_load_model_reads(sft_r
     assert meta["val_loss"] == pytest.approx(val_loss[8], abs=1e-6)
 
 
-def test_chat_sft_resumed_from_a_save_gives_identical_losses(sft_run, chat_base_dir):
+def test_chat_sft_killed_after_a_save_resumes_with_identical_losses(sft_run, chat_base_dir):
     from scripts.chat_sft import main
 
-    code, resumed = run_phase(main, "chat_sft", chat_base_dir,
-                              [*SFT_FLAGS, "--model-tag=chat", "--num-iterations=8", "--eval-every=4", "--save-every=4",
-                               "--resume-from-step=4"])
+    shutil.copytree(chat_base_dir / "mid_checkpoints" / "chat", chat_base_dir / "mid_checkpoints" / "sft_killed")
+    flags = [*SFT_FLAGS, "--model-tag=sft_killed", "--num-iterations=8", "--eval-every=4", "--save-every=4"]
+    kill_once_saved(["-m", "scripts.chat_sft", *flags], phase_env(chat_base_dir),
+                    chat_base_dir / "chatsft_checkpoints" / "sft_killed" / "meta_000004.json")
+    assert not (chat_base_dir / "chatsft_checkpoints" / "sft_killed" / "model_000008.pt").exists()
+
+    code, resumed = run_phase(main, "chat_sft", chat_base_dir, [*flags, "--resume-from-step=4"])
     assert code == 0, resumed
     reference = parse_sft_losses(sft_run)
     assert parse_sft_losses(resumed) == {step: reference[step] for step in range(4, 8)}

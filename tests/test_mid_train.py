@@ -3,8 +3,9 @@ Midtraining: the packing loader of nanochat.chat_data (whole conversations, BOS 
 ignored targets, ranks disjoint, exact resume, re-dealing on another number of ranks), the
 identity conversations, and scripts/mid_train.py end to end on CPU with the tiny base model and
 task data written here in the hub loader's layout: it lowers the loss, lists the mixture with its
-substitutes, writes a checkpoint load_model("mid") reads, resumes with identical losses, resumes
-a 2-rank run on 1 rank (with chat_sft in the same launch), and rejects bad input at start.
+substitutes, writes a checkpoint load_model("mid") reads, resumes a run SIGKILLed after a save
+with identical losses, resumes a 2-rank run on 1 rank (with chat_sft in the same launch), and
+rejects bad input at start.
 
 The chat fixtures (chat_base_dir, mid_run) are shared with tests/test_chat_sft.py.
 """
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO_ROOT, child_env, free_port
+from conftest import REPO_ROOT, child_env, free_port, kill_once_saved
 from nanochat.chat_data import loader_state_for_rank, packed_conversation_batches
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import ConfigError, run_script
@@ -297,12 +298,16 @@ def test_mid_train_lowers_the_loss_and_writes_a_checkpoint_load_model_reads(mid_
     assert meta["step"] == 8 and model.config.window_pattern == base_meta["model_config"]["window_pattern"]
 
 
-def test_mid_train_resumed_from_a_save_gives_identical_losses(mid_run, chat_base_dir):
+def test_mid_train_killed_after_a_save_resumes_with_identical_losses(mid_run, chat_base_dir):
     from scripts.mid_train import main
 
-    code, resumed = run_phase(main, "mid_train", chat_base_dir,
-                              [*MID_FLAGS, "--model-tag=chat", "--num-iterations=8", "--eval-every=4", "--save-every=4",
-                               "--resume-from-step=4"])
+    shutil.copytree(chat_base_dir / "base_checkpoints" / "chat", chat_base_dir / "base_checkpoints" / "killed")
+    flags = [*MID_FLAGS, "--model-tag=killed", "--num-iterations=8", "--eval-every=4", "--save-every=4"]
+    kill_once_saved(["-m", "scripts.mid_train", *flags], phase_env(chat_base_dir),
+                    chat_base_dir / "mid_checkpoints" / "killed" / "meta_000004.json")
+    assert not (chat_base_dir / "mid_checkpoints" / "killed" / "model_000008.pt").exists()
+
+    code, resumed = run_phase(main, "mid_train", chat_base_dir, [*flags, "--resume-from-step=4"])
     assert code == 0, resumed
     assert "Resuming from step 4" in resumed
     reference = parse_mid_losses(mid_run)
