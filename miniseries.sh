@@ -29,27 +29,16 @@ cd "$(dirname "$0")"
 # shellcheck source=dev/series_lib.sh
 source dev/series_lib.sh
 
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-mkdir -p "$NANOCHAT_BASE_DIR"
+series_settings
 SERIES_NAME="${1:-${SERIES_NAME:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}}"
-TINY="${TINY:-0}"
 if [ "$TINY" = 1 ]; then
-    NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
     read -ra DEPTH_LIST <<<"${DEPTHS:-2 3}"
-    CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-8}"
-    series_tiny_args
     # ~3 steps at d2, ~11 at d3 with tok_train's small test vocabularies
     TINY_ARGS+=(--target-param-data-ratio=0.002)
 else
-    NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
     read -ra DEPTH_LIST <<<"${DEPTHS:-12 14 16 18 20 22 24 26}"
-    CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
-    TINY_ARGS=()
 fi
 WANDB_RUN="${WANDB_RUN:-${SERIES_NAME}_miniseries}"
-CORE_METRIC_EVERY="${CORE_METRIC_EVERY:-999999}"  # larger than any horizon: CORE at the last step only
-read -ra EXTRA_ARGS <<<"${TRAIN_ARGS:-}"
 RESULTS_DIR="$NANOCHAT_BASE_DIR/${SERIES_NAME}_miniseries_results"
 RESULTS_FILE="$RESULTS_DIR/results.csv"
 

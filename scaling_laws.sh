@@ -27,30 +27,19 @@ cd "$(dirname "$0")"
 # shellcheck source=dev/series_lib.sh
 source dev/series_lib.sh
 
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-mkdir -p "$NANOCHAT_BASE_DIR"
+series_settings
 LABEL="${LABEL:-jan26}"
 SKIP_SETUP="${SKIP_SETUP:-1}"
-TINY="${TINY:-0}"
 if [ "$TINY" = 1 ]; then
-    NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
     read -ra BUDGET_LIST <<<"${FLOPS_BUDGETS:-4e9 8e9}"
     read -ra DEPTH_LIST <<<"${DEPTHS:-2 3 4}"
     EVAL_TOKENS="${EVAL_TOKENS:-512}"
-    CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-8}"
-    series_tiny_args
 else
-    NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
     read -ra BUDGET_LIST <<<"${FLOPS_BUDGETS:-1e18 2.15e18 4.64e18 1e19}"
     read -ra DEPTH_LIST <<<"${DEPTHS:-8 10 12 14 16 18 20}"
     EVAL_TOKENS="${EVAL_TOKENS:-$((100 * 524288))}"
-    CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
-    TINY_ARGS=()
 fi
 WANDB_RUN="${WANDB_RUN:-scaling_${LABEL}}"
-CORE_METRIC_EVERY="${CORE_METRIC_EVERY:-999999}"  # larger than any horizon: CORE at the last step only
-read -ra EXTRA_ARGS <<<"${TRAIN_ARGS:-}"
 RESULTS_DIR="$NANOCHAT_BASE_DIR/scaling_laws_results_${LABEL}"
 RESULTS_FILE="$RESULTS_DIR/results.csv"
 

@@ -25,23 +25,12 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 MODEL_TAG=d20
-IDENTITY_URL=https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
 TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC_PER_NODE" -m)
 # shellcheck source=dev/phase_lib.sh
 source dev/phase_lib.sh
 
-if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
-    [ "${SKIP_INSTALL:-0}" = 1 ] || bash dev/install.sh
-    # shellcheck source=/dev/null
-    source .venv/bin/activate
-fi
-
-# A new run starts the report card; a re-run keeps the sections of the phases already done.
-if [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
-    phase_log "report: continuing the run recorded in $NANOCHAT_BASE_DIR/report"
-else
-    phase_exec python -m nanochat.report reset
-fi
+# Install, then start the report card (a re-run keeps the sections of the phases already done).
+pipeline_setup
 
 # ~2B characters for the tokenizer: 8 shards of ~250M chars (plus the pinned val shard).
 # Shards already on disk are not downloaded again.
@@ -63,13 +52,8 @@ run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$M
 run_phase base_loss base-model-loss - -- "${TORCHRUN[@]}" scripts.base_loss
 run_phase base_eval base-model-evaluation - -- "${TORCHRUN[@]}" scripts.base_eval
 
-# Identity conversations (~2.3 MB) for midtraining and SFT: who the model is. Downloaded to a
-# temp name and renamed, so a cut download is never mistaken for the file.
-IDENTITY_FILE="$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
-if [ ! -f "$IDENTITY_FILE" ]; then
-    phase_exec curl -fsSL -o "$IDENTITY_FILE.tmp" "$IDENTITY_URL"
-    phase_exec mv "$IDENTITY_FILE.tmp" "$IDENTITY_FILE"
-fi
+# Identity conversations for midtraining and SFT: who the model is.
+pipeline_identity_file
 
 run_phase mid_train midtraining "$NANOCHAT_BASE_DIR/mid_checkpoints/$MODEL_TAG" -- \
     "${TORCHRUN[@]}" scripts.mid_train -- --save-every=200 --run="$WANDB_RUN"
@@ -85,10 +69,5 @@ if [ "${RUN_RL:-0}" = 1 ]; then
     run_phase chat_eval_rl chat-evaluation-rl - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i rl -a GSM8K
 fi
 
-# Loss and val bpb curves of the pretraining run (needs the plots extra; skipped without it).
-phase_exec python -m nanochat.plots "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" \
-    --output-dir "$NANOCHAT_BASE_DIR/report" || phase_log "plots: skipped (pip install -e '.[plots]' to get them)"
-
-# The report card: the sections the phases wrote, stitched into report.md (here and in
-# $NANOCHAT_BASE_DIR/report/). Then talk to the model: python -m scripts.chat_web
-phase_exec python -m nanochat.report generate
+# The curves and the report card (report.md). Then talk to the model: python -m scripts.chat_web
+pipeline_report "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG"

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Skip-or-resume for the pipeline scripts (speedrun.sh, dev/runcpu.sh): sourced, not run.
+# Skip-or-resume for the pipeline scripts (speedrun.sh, dev/runcpu.sh), and their shared start
+# (pipeline_setup), identity download (pipeline_identity_file) and end (pipeline_report): sourced, not run.
 #
 #   source dev/phase_lib.sh
 #   run_phase "base_train" base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/d20" -- \
@@ -79,4 +80,43 @@ run_phase() {
     fi
     phase_log "$name: running"
     phase_timed "$name" "$@"
+}
+
+# The start of a pipeline: install (unless SKIP_INSTALL=1), activate .venv, then begin the report
+# card, or continue it when this is a re-run (the sections of the phases already done are kept).
+pipeline_setup() {
+    if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
+        [ "${SKIP_INSTALL:-0}" = 1 ] || bash dev/install.sh
+        # shellcheck source=/dev/null
+        source .venv/bin/activate
+    fi
+    if [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
+        phase_log "report: continuing the run recorded in $NANOCHAT_BASE_DIR/report"
+    else
+        phase_exec python -m nanochat.report reset
+    fi
+}
+
+# Upstream's identity conversations (~2.3 MB: who the model is) for midtraining and SFT, unless
+# the file is there. Downloaded to a temp name and renamed, so a cut download is never taken for
+# the file; when it cannot be downloaded, the phases use the project's small offline set instead.
+IDENTITY_URL=https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+pipeline_identity_file() {
+    local file="$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
+    [ -f "$file" ] && return 0
+    if phase_exec curl -fsSL -o "$file.tmp" "$IDENTITY_URL"; then
+        phase_exec mv "$file.tmp" "$file"
+    else
+        rm -f "$file.tmp"
+        phase_log "no identity file; the offline identity set stands in"
+    fi
+}
+
+# The end of a pipeline: the loss and val bpb curves of the base model in CHECKPOINT_DIR (with
+# the plots extra; skipped without it), then the report card: the sections the phases wrote,
+# stitched into report.md (here and in $NANOCHAT_BASE_DIR/report/).
+pipeline_report() {
+    phase_exec python -m nanochat.plots "$1" --output-dir "$NANOCHAT_BASE_DIR/report" ||
+        phase_log "plots: skipped (pip install -e '.[plots]' to get them)"
+    phase_exec python -m nanochat.report generate
 }

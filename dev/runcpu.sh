@@ -29,17 +29,7 @@ MODEL_TAG="d$DEPTH"
 # shellcheck source=dev/phase_lib.sh
 source dev/phase_lib.sh
 
-if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
-    [ "${SKIP_INSTALL:-0}" = 1 ] || bash dev/install.sh
-    # shellcheck source=/dev/null
-    source .venv/bin/activate
-fi
-
-if [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
-    phase_log "report: continuing the run recorded in $NANOCHAT_BASE_DIR/report"
-else
-    phase_exec python -m nanochat.report reset
-fi
+pipeline_setup
 
 # Data: FineWeb-Edu shards when the hub answers; otherwise the offline corpus (public-domain text
 # that package registries ship), and offline copies of the task data, the CORE tasks and the
@@ -74,14 +64,7 @@ run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max
 
 # Identity conversations: the prepared file when it can be downloaded; otherwise midtraining and
 # SFT use the project's small offline identity set (and say so).
-IDENTITY_FILE="$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
-if [ "$OFFLINE" = 0 ] && [ ! -f "$IDENTITY_FILE" ]; then
-    if phase_exec curl -fsSL -o "$IDENTITY_FILE.tmp" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl; then
-        phase_exec mv "$IDENTITY_FILE.tmp" "$IDENTITY_FILE"
-    else
-        phase_log "no identity file; the offline identity set stands in"
-    fi
-fi
+[ "$OFFLINE" = 1 ] || pipeline_identity_file
 
 run_phase mid_train midtraining "$NANOCHAT_BASE_DIR/mid_checkpoints/$MODEL_TAG" -- \
     python -m scripts.mid_train --max-seq-len=256 --device-batch-size=16 --total-batch-size=8192 \
@@ -95,9 +78,7 @@ run_phase chat_sft chat-sft "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$MODEL_TAG" 
 run_phase chat_eval_sft chat-evaluation-sft - -- \
     python -m scripts.chat_eval -i sft -x "$CHAT_EVAL_PROBLEMS" -m 128
 
-phase_exec python -m nanochat.plots "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" \
-    --output-dir "$NANOCHAT_BASE_DIR/report" || phase_log "plots: skipped (pip install -e '.[plots]' to get them)"
-phase_exec python -m nanochat.report generate
+pipeline_report "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG"
 phase_log "pipeline: $((SECONDS / 60))m$((SECONDS % 60))s since dev/runcpu.sh started"
 
 echo

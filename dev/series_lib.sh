@@ -2,10 +2,10 @@
 # What miniseries.sh and scaling_laws.sh share: sourced, not run.
 #   series_setup               install + data + tokenizer, or (SKIP_SETUP=1) just the venv
 #   series_train ARGS...       scripts.base_train on NPROC_PER_NODE processes
-#   series_tiny_args           the CPU-sized base_train flags of TINY=1 (into TINY_ARGS)
+#   series_settings            the shared settings (TINY=1: CPU-sized defaults and TINY_ARGS)
 #   series_csv_init CSV KIND   the CSV with its header, unless it exists
 #   series_table CSV           the results as an aligned table
-# Expects NANOCHAT_BASE_DIR and NPROC_PER_NODE to be set.
+# series_settings comes first: the others read what it sets.
 
 series_setup() {
     if [ "${SKIP_SETUP:-0}" = 1 ]; then
@@ -34,12 +34,31 @@ series_train() {
     fi
 }
 
-# TINY=1: models and batches a 2-core CPU trains in seconds (the tokenizer's vocabulary stays
-# whatever tok_train made). The horizon flags are the caller's.
-series_tiny_args() {
+# The settings both scripts read alike, into variables they use: OMP_NUM_THREADS,
+# NANOCHAT_BASE_DIR (created), TINY, NPROC_PER_NODE, CORE_METRIC_EVERY, CORE_MAX_PER_TASK,
+# TINY_ARGS and EXTRA_ARGS (TRAIN_ARGS split into words). TINY=1 makes the defaults CPU-sized:
+# models and batches a 2-core CPU trains in seconds (the tokenizer's vocabulary stays whatever
+# tok_train made); the horizon flags are the caller's.
+series_settings() {
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+    mkdir -p "$NANOCHAT_BASE_DIR"
     # shellcheck disable=SC2034  # read by the script that sources this file
-    TINY_ARGS=(--device-type=cpu --head-dim=64 --window-pattern=L --max-seq-len=64
-               --device-batch-size=4 --total-batch-size=256 --eval-tokens=512)
+    {
+        TINY="${TINY:-0}"
+        if [ "$TINY" = 1 ]; then
+            NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+            CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-8}"
+            TINY_ARGS=(--device-type=cpu --head-dim=64 --window-pattern=L --max-seq-len=64
+                       --device-batch-size=4 --total-batch-size=256 --eval-tokens=512)
+        else
+            NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+            CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
+            TINY_ARGS=()
+        fi
+        CORE_METRIC_EVERY="${CORE_METRIC_EVERY:-999999}"  # larger than any horizon: CORE at the last step only
+        read -ra EXTRA_ARGS <<<"${TRAIN_ARGS:-}"
+    }
 }
 
 series_csv_init() {
