@@ -46,7 +46,10 @@ def load_evaluated_model(args, device):
         from scripts.base_loss import load_hf
 
         model, tokenizer, _, _ = load_hf(args.hf_path, device)
-        return model, tokenizer, args.hf_path, args.hf_path.rstrip("/").replace("/", "-")
+        # a hub id names its table (openai-community-gpt2.csv); a local directory by its own name
+        local = os.path.isdir(args.hf_path)
+        slug = os.path.basename(os.path.normpath(args.hf_path)) if local else args.hf_path.replace("/", "-")
+        return model, tokenizer, args.hf_path, slug
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     return model, tokenizer, f"base_model (step {meta['step']})", f"base_model_{meta['step']:06d}"
 

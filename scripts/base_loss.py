@@ -72,7 +72,9 @@ def load_hf(hf_path, device):
     local = os.path.isdir(hf_path)
     try:
         tokenizer = HuggingFaceTokenizer.from_directory(hf_path) if local else HuggingFaceTokenizer.from_pretrained(hf_path)
-        hf_model = AutoModelForCausalLM.from_pretrained(hf_path)
+        # A local directory may be one scripts.export_hf wrote, whose model code ships beside the
+        # weights; code from the hub is not run unasked.
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_path, trust_remote_code=local)
     except OSError as error:  # also the hub's "not in the local cache" error when offline
         if local:
             raise ConfigError(f"--hf-path={hf_path}: {error}; a model directory needs config.json, the weights "

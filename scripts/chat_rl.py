@@ -49,7 +49,6 @@ import os
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -66,7 +65,10 @@ from nanochat.common import (
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from scripts.base_train import init_runtime, synchronize, update_weights
-from scripts.chat_training import build_optimizer, init_wandb, load_resume_optimizer
+from scripts.chat_training import (
+    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer, init_wandb, load_resume_optimizer,
+    phase_parser,
+)
 from tasks.gsm8k import GSM8K
 from tasks.hub import PROVENANCE_NAME, task_data_dir
 
@@ -75,15 +77,9 @@ EVAL_SEED = 42  # every test problem is sampled with the same seed (the Engine's
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (REINFORCE with a mean baseline)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    # the model to start from
+    parser = phase_parser("Reinforcement learning on GSM8K (REINFORCE with a mean baseline)")
     parser.add_argument("--source", type=str, default="sft", choices=SOURCES, help="phase whose model to train")
-    parser.add_argument("--model-tag", type=str, default=None,
-                        help="checkpoint directory of the source and of the output (None = the source's largest model, output d<depth>)")
-    parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (None = the last)")
+    add_source_flags(parser, "source model")
     # horizon and batch
     parser.add_argument("--num-epochs", type=int, default=1, help="passes over GSM8K train")
     parser.add_argument("--num-steps", type=int, default=-1,
@@ -97,17 +93,11 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     # optimization
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the embeddings")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="every LR is scaled by this at the start")
+    add_optimizer_flags(parser, init_lr_frac=0.05)
     # evaluation and saving
     parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1 = off)")
     parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems per evaluation")
-    parser.add_argument("--save-every", type=int, default=60, help="save every N steps (-1 = only after the last step)")
-    parser.add_argument("--resume-from-step", type=int, default=-1,
-                        help="continue after this step from its checkpoint in chatrl_checkpoints/<tag> (-1 = start fresh)")
+    add_checkpoint_flags(parser, save_every=60)
     return parse_flags(parser, argv)
 
 

@@ -36,7 +36,6 @@ import os
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
@@ -51,8 +50,9 @@ from nanochat.engine import Engine
 from nanochat.report import get_report
 from scripts.base_train import init_runtime, lr_multiplier, manage_garbage_collection, synchronize, update_weights
 from scripts.chat_training import (
-    MixturePart, build_optimizer, check_resume_step, init_wandb, load_mixture, load_resume_checkpoint,
-    load_resume_optimizer, load_source_model, mixture_markdown, restore_loop_state, save_resumable_checkpoint,
+    MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
+    check_resume_step, init_wandb, load_mixture, load_resume_checkpoint, load_resume_optimizer,
+    load_source_model, mixture_markdown, phase_parser, restore_loop_state, save_resumable_checkpoint,
     warm_start_optimizer,
 )
 from tasks.arc import ARC
@@ -64,24 +64,16 @@ from tasks.spellingbee import WORD_LIST_FILENAME, SimpleSpelling, SpellingBee
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser = phase_parser("Supervised fine-tuning on conversations")
     parser.add_argument("--source", type=str, default="mid", choices=("base", "mid"), help="the phase whose model is fine-tuned")
-    parser.add_argument("--model-tag", type=str, default=None, help="source model to load, and the name of the output directory (default: the largest; output d<depth>)")
-    parser.add_argument("--model-step", type=int, default=None, help="step of the source model to load (default: its last)")
+    add_source_flags(parser, "source model")
     # horizon and batch
     parser.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations=-1)")
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
     parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per micro-batch per rank")
     parser.add_argument("--target-examples-per-step", type=int, default=32, help="conversations per optimizer step, all ranks together")
     # optimization
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte and value embeddings")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    parser.add_argument("--init-lr-frac", type=float, default=0.02, help="every LR is multiplied by this (later upstream: 0.8)")
+    add_optimizer_flags(parser, init_lr_frac=0.02, init_lr_note=" (later upstream: 0.8)")
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
     parser.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps of linear LR warmdown at the end (1.0 = decay from the first step, the recipe's; later upstream: 0.5)")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
@@ -94,8 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval-steps", type=int, default=100, help="batches per validation loss")
     parser.add_argument("--eval-metrics-every", type=int, default=200, help="MMLU and ARC-Easy accuracy every N steps and at the end (-1 = off)")
     parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per accuracy evaluation")
-    parser.add_argument("--save-every", type=int, default=-1, help="also save every N steps, to resume from (-1 = only at the end)")
-    parser.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its checkpoint at this step (-1 = start fresh)")
+    add_checkpoint_flags(parser)
     return parse_flags(parser, argv)
 
 

@@ -1,8 +1,10 @@
 """
 What the chat training phases (scripts.mid_train, scripts.chat_sft) share; scripts.chat_rl uses the
-optimizer and wandb helpers (its checkpoints carry other loop state). The device setup is
+flags, optimizer and wandb helpers (its checkpoints carry other loop state). The device setup is
 scripts.base_train.init_runtime.
 
+    phase_parser / add_source_flags / add_optimizer_flags / add_checkpoint_flags
+                                      the flags all three phases have, with the same names and help
     load_source_model(source, ...)    the checkpoint a phase starts from; missing = which phase to run
     build_optimizer(args, model)      Muon + AdamW with every LR scaled by --init-lr-frac
     load_mixture(title, parts)        a TaskMixture of named parts, printed once with row counts and
@@ -14,6 +16,7 @@ scripts.base_train.init_runtime.
     warm_start_optimizer              another phase's optimizer state, with this run's LRs
 """
 
+import argparse
 import base64
 import dataclasses
 import json
@@ -37,6 +40,38 @@ from tasks.hub import PROVENANCE_NAME, task_data_dir
 from tasks.spellingbee import WORD_LIST_FILENAME
 
 OFFLINE_SUMMARY_NAME = "offline_tasks.json"  # written by `python -m dev.offline_data tasks` in task_data/
+
+
+# -----------------------------------------------------------------------------
+# The flags every post-training phase has
+
+
+def phase_parser(description):
+    """A parser that opens with the wandb run and the device; --help shows every default."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    return parser
+
+
+def add_source_flags(parser, what):
+    parser.add_argument("--model-tag", type=str, default=None,
+                        help=f"{what} to load, and the name of the output directory (default: the largest; output d<depth>)")
+    parser.add_argument("--model-step", type=int, default=None, help=f"step of the {what} to load (default: its last)")
+
+
+def add_optimizer_flags(parser, init_lr_frac, init_lr_note=""):
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte and value embeddings")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (not scheduled)")
+    parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="every LR is multiplied by this" + init_lr_note)
+
+
+def add_checkpoint_flags(parser, save_every=-1):
+    parser.add_argument("--save-every", type=int, default=save_every, help="also save every N steps, to resume from (-1 = only at the end)")
+    parser.add_argument("--resume-from-step", type=int, default=-1,
+                        help="resume this run from its checkpoint at this step (-1 = start fresh)")
 
 
 def init_wandb(project, run_name, config, runtime):

@@ -31,7 +31,6 @@ import os
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
-import argparse
 import time
 from dataclasses import dataclass
 
@@ -47,8 +46,9 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from scripts.base_train import init_runtime, manage_garbage_collection, muon_momentum, synchronize, update_weights
 from scripts.chat_training import (
-    MixturePart, build_optimizer, check_resume_step, init_wandb, load_mixture, load_resume_checkpoint,
-    load_resume_optimizer, load_source_model, mixture_markdown, restore_loop_state, save_resumable_checkpoint,
+    MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
+    check_resume_step, init_wandb, load_mixture, load_resume_checkpoint, load_resume_optimizer,
+    load_source_model, mixture_markdown, phase_parser, restore_loop_state, save_resumable_checkpoint,
     synchronize_flags,
 )
 from tasks.gsm8k import GSM8K
@@ -59,25 +59,16 @@ from tasks.spellingbee import WORD_LIST_FILENAME, SimpleSpelling, SpellingBee
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Midtrain a base model on chat data",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--model-tag", type=str, default=None, help="base model to load, and the name of the output directory (default: the largest base model; output d<depth>)")
-    parser.add_argument("--model-step", type=int, default=None, help="step of the base model to load (default: its last)")
+    parser = phase_parser("Midtrain a base model on chat data")
+    add_source_flags(parser, "base model")
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture); the end of the pass stops a run either way")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per packed row")
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
     parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte and value embeddings")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (not scheduled)")
-    parser.add_argument("--init-lr-frac", type=float, default=1.0, help="every LR is multiplied by this")
+    add_optimizer_flags(parser, init_lr_frac=1.0)
     parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps and at the end (-1 = off)")
     parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of val data per bpb evaluation")
-    parser.add_argument("--save-every", type=int, default=-1, help="also save every N steps, to resume from (-1 = only at the end)")
-    parser.add_argument("--resume-from-step", type=int, default=-1, help="resume this run from its checkpoint at this step (-1 = start fresh)")
+    add_checkpoint_flags(parser)
     parser.add_argument("--dry-run", action="store_true", help="log to wandb but write no checkpoint and no report")
     return parse_flags(parser, argv)
 

@@ -281,6 +281,37 @@ def test_export_then_import_reproduces_the_checkpoint_bit_for_bit(own_base_dir, 
         assert torch.equal(reloaded(idx), model(idx))
 
 
+def test_base_loss_and_base_eval_score_the_export_as_they_score_the_checkpoint(own_base_dir, tiny_base_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    from nanochat import dataset
+    from scripts import base_eval, base_loss
+    from test_base_train import run_in_process
+    from test_core_eval import small_bundle
+
+    output = tmp_path / "hf" / "tiny"
+    export_hf.main(["-i", "base", "-g", "for_loss", "--output", str(output)])
+    shutil.copytree(tiny_base_dir / "base_data", own_base_dir / "base_data")
+    monkeypatch.setattr(dataset, "DATA_DIR", str(own_base_dir / "base_data"))  # fixed when the module was imported
+    bundle = small_bundle(str(tmp_path / "bundle"), offline=True)
+    bpb, tables = {}, {}
+    for name, flags in (("checkpoint", ["--model-tag=for_loss"]), ("export", [f"--hf-path={output}"])):
+        code, out, err = run_in_process(base_loss.main, "base_loss", own_base_dir,
+                                        ["--device-type=cpu", "--device-batch-size=4", "--split-tokens=512", *flags],
+                                        monkeypatch, capsys)
+        assert code == 0, out + err
+        bpb[name] = [float(line.split(": ")[1]) for line in out.splitlines() if line.startswith(("train bpb", "val bpb"))]
+        code, out, err = run_in_process(base_eval.main, "base_eval", own_base_dir,
+                                        ["--device-type=cpu", f"--bundle-dir={bundle}", *flags], monkeypatch, capsys)
+        assert code == 0, out + err
+        (csv_name,) = [n for n in os.listdir(own_base_dir / "base_eval") if n not in tables.values()]
+        tables[name] = csv_name
+    assert len(bpb["export"]) == 2 and bpb["export"] == pytest.approx(bpb["checkpoint"], abs=1e-4)
+    # the same model and tokenizer: the same prompts, verdicts and score on every task
+    assert tables == {"checkpoint": "base_model_000003.csv", "export": "tiny.csv"}
+    checkpoint_table, export_table = ((own_base_dir / "base_eval" / tables[n]).read_text() for n in ("checkpoint", "export"))
+    assert export_table == checkpoint_table and len(export_table.splitlines()) == 5
+
+
 def test_export_errors_are_one_line_and_leave_nothing_behind(own_base_dir, tmp_path):
     output = tmp_path / "out"
     with pytest.raises(MissingInputError, match="no checkpoint"):
