@@ -56,9 +56,9 @@ run_phase tok_eval tokenizer-evaluation - -- python -m scripts.tok_eval
 # Pretraining: d4 (256 wide, 4 heads of 64), full attention (SDPA runs sliding windows slowly).
 run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" -- \
     python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L --max-seq-len=256 \
-    --device-batch-size=16 --total-batch-size=8192 --eval-every=50 --eval-tokens=65536 \
+    --device-batch-size=16 --total-batch-size=4096 --eval-every=100 --eval-tokens=32768 \
     --core-metric-every=-1 --sample-every=100 --num-iterations="$BASE_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
-run_phase base_loss base-model-loss - -- python -m scripts.base_loss --device-batch-size=16 --split-tokens=65536
+run_phase base_loss base-model-loss - -- python -m scripts.base_loss --device-batch-size=16 --split-tokens=32768
 # CORE on 8 examples per task: a partial score, labelled so in the report
 run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max-per-task=8
 
@@ -67,13 +67,13 @@ run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max
 [ "$OFFLINE" = 1 ] || pipeline_identity_file
 
 run_phase mid_train midtraining "$NANOCHAT_BASE_DIR/mid_checkpoints/$MODEL_TAG" -- \
-    python -m scripts.mid_train --max-seq-len=256 --device-batch-size=16 --total-batch-size=8192 \
-    --eval-every=50 --eval-tokens=65536 --num-iterations="$MID_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
+    python -m scripts.mid_train --max-seq-len=256 --device-batch-size=16 --total-batch-size=4096 \
+    --eval-every=50 --eval-tokens=32768 --num-iterations="$MID_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
 run_phase chat_eval_mid chat-evaluation-mid - -- \
     python -m scripts.chat_eval -i mid -x "$CHAT_EVAL_PROBLEMS" -m 128
 
 run_phase chat_sft chat-sft "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$MODEL_TAG" -- \
-    python -m scripts.chat_sft --device-batch-size=4 --num-iterations="$SFT_ITERATIONS" \
+    python -m scripts.chat_sft --device-batch-size=4 --target-examples-per-step=16 --num-iterations="$SFT_ITERATIONS" \
     --eval-every=50 --eval-steps=8 --eval-metrics-every=-1 --save-every=50 --run="$WANDB_RUN"
 run_phase chat_eval_sft chat-evaluation-sft - -- \
     python -m scripts.chat_eval -i sft -x "$CHAT_EVAL_PROBLEMS" -m 128
