@@ -15,7 +15,7 @@
 #   DEPTHS           the depths, default "12 14 16 18 20 22 24 26" ("2 3" under TINY=1)
 #   EVAL_TOKENS      val tokens per bpb evaluation (default: base_train's)
 #   CORE_METRIC_EVERY / CORE_MAX_PER_TASK   CORE cadence (default only the last step) and examples
-#                    per task (default all; 8 under TINY=1); CORE_METRIC_EVERY=-1 skips CORE
+#                    per task (default all; 12 under TINY=1); CORE_METRIC_EVERY=-1 skips CORE
 #   TRAIN_ARGS       extra base_train flags, appended last (so they win)
 #   TINY=1           CPU-sized models, batches and a tiny horizon
 # CORE needs the eval bundle: downloaded on first use, or `python -m dev.offline_data core` offline.

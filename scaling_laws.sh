@@ -16,7 +16,7 @@
 #   WANDB_RUN        wandb run prefix, default scaling_<label>
 #   EVAL_TOKENS      val tokens per bpb evaluation, default 100 * 524288 (~100M tokens)
 #   CORE_METRIC_EVERY / CORE_MAX_PER_TASK   as in miniseries.sh (default: CORE once at the end on
-#                    every example; 8 per task under TINY=1; -1 skips CORE)
+#                    every example; 12 per task under TINY=1; -1 skips CORE)
 #   TRAIN_ARGS       extra base_train flags, appended last; TINY=1 CPU-sized models and batches
 #   SKIP_SETUP       default 1 here: the data and tokenizer of an earlier run are used (0 sets up)
 #

@@ -76,28 +76,21 @@ uv_pip install --quiet -e ".[$EXTRAS]"
 # --- rustbpe (Rust crate -> Python module) ----------------------------------------------
 bash dev/build_rustbpe.sh "$PY"
 
-# --- chromium (only for the web UI test: playwright drives Debian's browser) --------------
-if [ ! -x /usr/bin/chromium ]; then
+# --- Debian packages only a test needs (the test skips without them) -----------------------
+# test_package PACKAGE BINARY TEST: install PACKAGE unless BINARY (a name or a path) is there.
+test_package() {
+    local package=$1 binary=$2 test=$3
+    command -v "$binary" >/dev/null 2>&1 && return 0
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        log "installing Debian's chromium for the web UI test"
-        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
-            log "could not install chromium; the web UI test will skip"
+        log "installing Debian's $package for $test"
+        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null; }; then
+            log "could not install $package; $test will skip"
         fi
     else
-        log "no /usr/bin/chromium and no apt-get as root to install it; the web UI test will skip"
+        log "no $binary and no apt-get as root to install it; $test will skip"
     fi
-fi
-
-# --- shellcheck (only for the test that lints every .sh; it skips without it) ---------------
-if ! command -v shellcheck >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        log "installing Debian's shellcheck for the shell-script lint test"
-        if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null; }; then
-            log "could not install shellcheck; the shell-script lint test will skip"
-        fi
-    else
-        log "no shellcheck and no apt-get as root to install it; the shell-script lint test will skip"
-    fi
-fi
+}
+test_package chromium /usr/bin/chromium "the web UI test"  # playwright drives Debian's browser
+test_package shellcheck shellcheck "the shell-script lint test"
 
 log "done: activate with 'source .venv/bin/activate'"

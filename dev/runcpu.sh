@@ -59,8 +59,9 @@ run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$M
     --device-batch-size=16 --total-batch-size=4096 --eval-every=100 --eval-tokens=32768 \
     --core-metric-every=-1 --sample-every=100 --num-iterations="$BASE_ITERATIONS" --save-every=50 --run="$WANDB_RUN"
 run_phase base_loss base-model-loss - -- python -m scripts.base_loss --device-batch-size=16 --split-tokens=32768
-# CORE on 8 examples per task: a partial score, labelled so in the report
-run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max-per-task=8
+# CORE on 12 examples per task (the 10-shot tasks draw their examples from those kept): a partial
+# score, labelled so in the report
+run_phase base_eval base-model-evaluation - -- python -m scripts.base_eval --max-per-task=12
 
 # Identity conversations: the prepared file when it can be downloaded; otherwise midtraining and
 # SFT use the project's small offline identity set (and say so).

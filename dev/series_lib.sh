@@ -48,7 +48,7 @@ series_settings() {
         TINY="${TINY:-0}"
         if [ "$TINY" = 1 ]; then
             NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
-            CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-8}"
+            CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:-12}"
             TINY_ARGS=(--device-type=cpu --head-dim=64 --window-pattern=L --max-seq-len=64
                        --device-batch-size=4 --total-batch-size=256 --eval-tokens=512)
         else

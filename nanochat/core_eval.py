@@ -47,7 +47,7 @@ import torch.distributed as dist
 import yaml
 from filelock import FileLock
 
-from nanochat.common import MissingInputError, download_file_with_lock, get_base_dir, print0
+from nanochat.common import ConfigError, MissingInputError, download_file_with_lock, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_DIRNAME = "eval_bundle"
@@ -454,6 +454,23 @@ def load_task_data(data_path, max_per_task=-1):
     return data[:max_per_task] if max_per_task > 0 else data
 
 
+def check_fewshot_fits(tasks, max_per_task):
+    """
+    Fail before any evaluation when max_per_task keeps fewer examples than a task's few-shot
+    prompts need: they are drawn from the examples kept (as upstream does, so that verdicts match),
+    k of them plus the example itself.
+    """
+    if max_per_task <= 0:
+        return
+    short = [task for task in tasks if task.task_meta["num_fewshot"] >= max_per_task]
+    if short:
+        needed = max(task.task_meta["num_fewshot"] for task in tasks) + 1
+        names = ", ".join(f"{task.label} ({task.task_meta['num_fewshot']}-shot)" for task in short)
+        raise ConfigError(f"CORE on {max_per_task} examples per task is too few for the few-shot prompts of {names}, "
+                          f"which are drawn from the examples kept: evaluate at least {needed} per task "
+                          f"(base_eval --max-per-task, base_train --core-metric-max-per-task), or all (-1)")
+
+
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, pack_tokens=None):
     """
     Every task of the bundle (see find_bundle for where it comes from), each cropped to
@@ -463,8 +480,10 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, pa
     examples, examples_per_second, task_type, num_fewshot}}, bundle_dir, offline}.
     """
     bundle_dir, offline = find_bundle(bundle_dir)
+    tasks = read_bundle(bundle_dir)
+    check_fewshot_fits(tasks, max_per_task)
     results, centered_results, details = {}, {}, {}
-    for task in read_bundle(bundle_dir):
+    for task in tasks:
         meta = task.task_meta
         print0(f"Evaluating: {task.label} ({meta['num_fewshot']}-shot, type: {meta['task_type']})... ", end="", flush=True)
         start = time.time()

@@ -9,6 +9,8 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     synthetic_documents(n, s)   English-like documents from a tiny grammar: learnable, varied lengths
     child_env(base)             the environment for a script subprocess working in `base`
     kill_once_saved(cmd, env, meta)  a script subprocess SIGKILLed mid-run, right after a save
+    LocalHTTPServer(handler)    a real HTTP server on 127.0.0.1 for the download and client tests
+    QuietHandler                its request handler base, without the per-request log lines
     build_gpt(config, seed, perturb)  a real GPT on CPU, initialized, optionally with noisy weights
     tiny_tokenizer              a real rustbpe-trained RustBPETokenizer (vocab 300), in memory
     tiny_base_dir               a NANOCHAT_BASE_DIR with 3 train shards, the val shard and a
@@ -16,12 +18,14 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     tiny_checkpoint             tiny_base_dir plus a 3-step d2 base model under the tag for_loss
 """
 
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -42,6 +46,37 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class LocalHTTPServer:
+    """
+    A threading HTTP server on 127.0.0.1 (a free port) that serves `handler` from a daemon thread:
+    start() / close(), or a with block. `address` is http://127.0.0.1:<port>.
+    """
+
+    def __init__(self, handler):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.address = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def synthetic_documents(num_docs, seed):

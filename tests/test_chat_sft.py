@@ -14,10 +14,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO_ROOT, kill_once_saved
+from conftest import REPO_ROOT
 from nanochat.chat_data import padded_conversation_batches
 import test_mid_train
-from test_mid_train import phase_env, phase_environment, run_phase
+from test_mid_train import kill_after_save_then_resume, phase_environment, run_phase
 
 # the session fixtures of test_mid_train: its tiny base model and task data, and one midtraining run on them
 chat_base_dir = test_mid_train.chat_base_dir
@@ -126,12 +126,8 @@ def test_chat_sft_killed_after_a_save_resumes_with_identical_losses(sft_run, cha
 
     shutil.copytree(chat_base_dir / "mid_checkpoints" / "chat", chat_base_dir / "mid_checkpoints" / "sft_killed")
     flags = [*SFT_FLAGS, "--model-tag=sft_killed", "--num-iterations=8", "--eval-every=4", "--save-every=4"]
-    kill_once_saved(["-m", "scripts.chat_sft", *flags], phase_env(chat_base_dir),
-                    chat_base_dir / "chatsft_checkpoints" / "sft_killed" / "meta_000004.json")
-    assert not (chat_base_dir / "chatsft_checkpoints" / "sft_killed" / "model_000008.pt").exists()
-
-    code, resumed = run_phase(main, "chat_sft", chat_base_dir, [*flags, "--resume-from-step=4"])
-    assert code == 0, resumed
+    resumed = kill_after_save_then_resume(main, "chat_sft", chat_base_dir, flags,
+                                          chat_base_dir / "chatsft_checkpoints" / "sft_killed")
     reference = parse_sft_losses(sft_run)
     assert parse_sft_losses(resumed) == {step: reference[step] for step in range(4, 8)}
     assert parse_val_loss(resumed)[8] == parse_val_loss(sft_run)[8]

@@ -1,15 +1,13 @@
 """Tests of nanochat/common.py: base dir, flags, dtype selection, peak FLOPs, atomic writes and locked downloads."""
 
-import http.server
 import os
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from conftest import free_port
+from conftest import LocalHTTPServer, QuietHandler, free_port
 from nanochat import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,14 +114,14 @@ def test_atomic_open_from_many_threads_leaves_the_umask_alone(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [f"f{i}.txt" for i in range(4)]
 
 
-class _Server:
+class _Server(LocalHTTPServer):
     """A local HTTP server: GET /ok returns a body; GET /fail drops the connection mid-body."""
 
     def __init__(self):
         self.requests = 0
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 outer.requests += 1
                 body = b"payload " * 1000
@@ -137,15 +135,9 @@ class _Server:
                     return
                 self.wfile.write(body)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
+        super().__init__(Handler)
+        self.url = self.address
+        self.start()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ examples whose right answers are known:
 - the offline builder's converters on inputs in the source packages' own formats.
 """
 
-import http.server
 import io
 import json
 import math
@@ -20,17 +19,16 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import zipfile
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, build_gpt, child_env, synthetic_documents
+from conftest import REPO_ROOT, LocalHTTPServer, QuietHandler, build_gpt, child_env, synthetic_documents
 from dev.offline_data import core_bundle
 from nanochat import core_eval as ce
-from nanochat.common import MissingInputError
+from nanochat.common import ConfigError, MissingInputError
 from nanochat.gpt import GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -319,13 +317,13 @@ def zip_bundle(bundle_dir):
     return buffer.getvalue()
 
 
-class BundleServer:
+class BundleServer(LocalHTTPServer):
     """Serves /eval_bundle.zip from memory; the first `failures` requests get a 503."""
 
     def __init__(self, body, failures=0):
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 server.requests += 1
                 if server.requests <= failures:
@@ -336,17 +334,10 @@ class BundleServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args):
-                pass
-
         self.requests = 0
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/eval_bundle.zip"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.url = f"{self.address}/eval_bundle.zip"
+        self.start()
 
 
 @pytest.fixture
@@ -413,6 +404,17 @@ def test_evaluate_core_centers_and_averages(tmp_path):
     assert out["results"] == {"mc": 0.75, "lm": 0.5} and out["centered_results"] == {"mc": 0.5, "lm": 0.5}
     assert out["core_metric"] == 0.5 and out["num_tasks"] == 2 and out["label"] == "CORE (partial: 2 of 22 tasks)"
     assert ce.evaluate_core(BigramModel(BIGRAM_SCORES), CharTokenizer(), "cpu", max_per_task=1, bundle_dir=bundle)["details"]["mc"]["examples"] == 1
+
+
+def test_too_few_examples_for_the_few_shot_prompts_fail_before_any_evaluation(tmp_path):
+    # the 2-shot task needs 3 examples per task: its few-shot examples come from those kept
+    bundle = small_bundle(str(tmp_path / "b"))
+    model = BigramModel(BIGRAM_SCORES)
+    with pytest.raises(ConfigError, match=r"CORE on 2 examples per task is too few for the few-shot prompts of "
+                                          r"mc_task \(2-shot\).*evaluate at least 3 per task"):
+        ce.evaluate_core(model, CharTokenizer(), "cpu", max_per_task=2, bundle_dir=bundle)
+    for enough in (3, 10, -1):
+        ce.check_fewshot_fits(ce.read_bundle(bundle), enough)
 
 
 # -----------------------------------------------------------------------------

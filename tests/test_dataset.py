@@ -4,7 +4,6 @@ and the downloader against a local HTTP server that misbehaves on purpose (no ne
 """
 
 import glob
-import http.server
 import importlib.util
 import json
 import math
@@ -12,12 +11,12 @@ import os
 import random
 import socket
 import struct
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import LocalHTTPServer, QuietHandler
 from nanochat import dataset
 from nanochat.dataset import (
     MAX_SHARD, VAL_SHARD_INDEX, ShardWriter, download_shard, get_split_paths, list_parquet_files,
@@ -207,7 +206,7 @@ def test_repackage_script_builds_shards_from_local_files(tmp_path):
 # Downloads from a local server that fails on purpose
 
 
-class ShardServer:
+class ShardServer(LocalHTTPServer):
     """
     Serves shard bytes over HTTP on 127.0.0.1. plan[name] is a list of behaviours, one per GET
     (the last repeats): "ok", "drop" (Content-Length, half the body, then a TCP reset), "short"
@@ -219,7 +218,7 @@ class ShardServer:
         self.files, self.plan, self.gets = files, {}, {}
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_HEAD(self):
                 self.send_response(200)
                 self.end_headers()
@@ -251,20 +250,8 @@ class ShardServer:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.url = f"{self.address}/data"
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ lines already written.
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import LocalHTTPServer, QuietHandler
 from dev.gen_synthetic_data import build_prompt, main as gen_main
 from nanochat.common import run_script
 from tasks.customjson import CustomJSON
@@ -26,14 +26,14 @@ def conversation_reply(n):
     return completion(json.dumps({"messages": messages}))
 
 
-class StubServer:
+class StubServer(LocalHTTPServer):
     """Answers POST /v1/chat/completions from a script of (status, body); records each request."""
 
     def __init__(self, replies):
         self.replies, self.requests, self.lock = list(replies), [], threading.Lock()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with stub.lock:
@@ -46,16 +46,9 @@ class StubServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.url = f"{self.address}/v1"
+        self.start()
 
 
 @pytest.fixture

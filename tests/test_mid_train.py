@@ -298,17 +298,25 @@ def test_mid_train_lowers_the_loss_and_writes_a_checkpoint_load_model_reads(mid_
     assert meta["step"] == 8 and model.config.window_pattern == base_meta["model_config"]["window_pattern"]
 
 
+def kill_after_save_then_resume(main, name, base, flags, checkpoint_dir):
+    """
+    The phase `name` (its script, with these flags: 8 steps, a save every 4) as a subprocess,
+    SIGKILLed right after its step-4 save; then resumed from that save in this process.
+    Returns the resumed run's stdout.
+    """
+    kill_once_saved(["-m", f"scripts.{name}", *flags], phase_env(base), checkpoint_dir / "meta_000004.json")
+    assert not (checkpoint_dir / "model_000008.pt").exists()
+    code, resumed = run_phase(main, name, base, [*flags, "--resume-from-step=4"])
+    assert code == 0, resumed
+    return resumed
+
+
 def test_mid_train_killed_after_a_save_resumes_with_identical_losses(mid_run, chat_base_dir):
     from scripts.mid_train import main
 
     shutil.copytree(chat_base_dir / "base_checkpoints" / "chat", chat_base_dir / "base_checkpoints" / "killed")
     flags = [*MID_FLAGS, "--model-tag=killed", "--num-iterations=8", "--eval-every=4", "--save-every=4"]
-    kill_once_saved(["-m", "scripts.mid_train", *flags], phase_env(chat_base_dir),
-                    chat_base_dir / "mid_checkpoints" / "killed" / "meta_000004.json")
-    assert not (chat_base_dir / "mid_checkpoints" / "killed" / "model_000008.pt").exists()
-
-    code, resumed = run_phase(main, "mid_train", chat_base_dir, [*flags, "--resume-from-step=4"])
-    assert code == 0, resumed
+    resumed = kill_after_save_then_resume(main, "mid_train", chat_base_dir, flags, chat_base_dir / "mid_checkpoints" / "killed")
     assert "Resuming from step 4" in resumed
     reference = parse_mid_losses(mid_run)
     assert parse_mid_losses(resumed) == {step: reference[step] for step in range(5, 9)}

@@ -6,19 +6,17 @@ SmolTalk, SpellingBee, SimpleSpelling) on tiny local copies of its data, down to
 training mask render_conversation makes of each conversation. No test touches the network.
 """
 
-import http.server
 import io
 import json
 import os
 import random
-import threading
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port
+from conftest import LocalHTTPServer, QuietHandler, free_port
 from nanochat.common import MissingInputError
 from tasks import hub, spellingbee
 from tasks.arc import ARC
@@ -138,7 +136,7 @@ def write_split(repo_id, subset, split, rows, shard_size=None, provenance=None):
     return directory
 
 
-class HubServer:
+class HubServer(LocalHTTPServer):
     """
     The two hub endpoints the loader uses, on 127.0.0.1: the parquet listing
     /api/datasets/<repo>/parquet/<subset>/<split> (a JSON list of shard URLs) and the shards.
@@ -151,7 +149,7 @@ class HubServer:
         self.splits, self.plan, self.requests = splits, {}, []
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self):
                 server.requests.append(self.path)
                 body = server.body(self.path)
@@ -169,12 +167,8 @@ class HubServer:
                 self.wfile.write(body if behaviour != "short" else body[: len(body) // 2])
                 self.close_connection = True
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        super().__init__(Handler)
+        self.url = self.address
 
     def body(self, path):
         for (repo, subset, split), shards in self.splits.items():
@@ -184,14 +178,6 @@ class HubServer:
                 if path == f"/files/{repo}/{subset}/{split}/{i}.parquet":
                     return shard
         return None
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
