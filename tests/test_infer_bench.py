@@ -1,11 +1,14 @@
 """
 scripts/infer_bench.py on a tiny random model (no checkpoint, no tokenizer), in process: the
 last stdout line is one JSON document with every number, and at temperature 0 the Engine's
-tokens equal naive generate's. Plus the architecture accounting on a hand-countable model.
+tokens equal naive generate's. Plus the architecture accounting on a hand-countable model and
+the MBU/MFU arithmetic of the CUDA card.
 """
 
 import json
 import math
+
+import pytest
 
 from conftest import build_gpt
 from nanochat.common import get_peak_bandwidth
@@ -55,6 +58,15 @@ def test_accounting_counts_weights_kv_and_flops():
     assert infer_bench.decode_flops(model, 30) == 2 * matmuls + 4 * 64 * (17 + 30)
     # prefill of 3 tokens: token p sees p + 1 keys in both layers
     assert infer_bench.prefill_flops(model, 3) == 2 * matmuls * 3 + 4 * 64 * 2 * (1 + 2 + 3)
+
+
+def test_utilization_counts_the_weights_once_and_the_kv_cache_per_row():
+    model = build_gpt(GPTConfig(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="L"))
+    card = {"weight_bytes": 1000.0, "kv_read_bytes": 50.0, "peak_bandwidth": 1e6, "peak_flops": 1e9, "context": 20}
+    result = {"batch": 8, "tpot_s": 0.01}
+    infer_bench.add_utilization(result, card, model)
+    assert result["mbu_pct"] == pytest.approx(100 * (1000 + 8 * 50) / 0.01 / 1e6)  # one weight read serves all 8 rows
+    assert result["mfu_pct"] == pytest.approx(100 * 8 * infer_bench.decode_flops(model, 20) / 0.01 / 1e9)
 
 
 def test_peak_bandwidth_table():
