@@ -442,8 +442,9 @@ def save_training_checkpoint(checkpoint_dir, model, optimizer, loop, loader_stat
 def resolve_core_metric_every(args, device_type):
     """
     Upstream's CORE cadence on CUDA, off on CPU/MPS unless asked for. A run that asks for CORE
-    fails at start, not hours later, when the CORE evaluation cannot be imported or has no eval
-    bundle (find_bundle downloads it now if it can, as the first evaluation would).
+    fails at start, not hours later, when the CORE evaluation cannot be imported, has no eval
+    bundle (find_bundle downloads it now if it can, as the first evaluation would), or is asked for
+    too few examples per task for the few-shot prompts.
     """
     if args.core_metric_every is None:
         args.core_metric_every = CUDA_CORE_METRIC_EVERY if device_type == "cuda" else -1
@@ -453,7 +454,8 @@ def resolve_core_metric_every(args, device_type):
         except ImportError as error:
             raise ConfigError(f"--core-metric-every={args.core_metric_every} needs the CORE evaluation (nanochat.core_eval), "
                               f"which cannot be imported ({error}); pass --core-metric-every=-1") from None
-        core_eval.find_bundle()
+        bundle_dir, _ = core_eval.find_bundle()
+        core_eval.check_fewshot_fits(core_eval.read_bundle(bundle_dir), args.core_metric_max_per_task)
 
 
 def evaluate_core_metric(model, tokenizer, device, args):

@@ -227,6 +227,27 @@ def test_core_metric_without_its_inputs_fails_at_start(tiny_base_dir, monkeypatc
     assert not (tiny_base_dir / "base_checkpoints" / "core_missing").exists()
 
 
+def test_core_metric_on_too_few_examples_for_the_few_shot_prompts_fails_at_start(tiny_base_dir, tmp_path, monkeypatch, capsys):
+    from scripts.base_train import main as base_train_main
+    from test_base_train import TINY_FLAGS, run_in_process
+    from test_core_eval import small_bundle
+
+    import nanochat.core_eval as core_eval
+
+    small_bundle(str(tiny_base_dir / "eval_bundle_offline"), offline=True)  # its mc_task is 2-shot
+    monkeypatch.setattr(core_eval, "DOWNLOAD_ATTEMPTS", 1)
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{free_port()}/eval_bundle.zip")
+    try:
+        flags = [*TINY_FLAGS, "--num-iterations=2", "--core-metric-every=5", "--core-metric-max-per-task=2",
+                 "--model-tag=core_few"]
+        code, out, err = run_in_process(base_train_main, "base_train", tiny_base_dir, flags, monkeypatch, capsys)
+    finally:
+        shutil.rmtree(tiny_base_dir / "eval_bundle_offline")
+    assert code == 2, out + err
+    assert "CORE on 2 examples per task is too few for the few-shot prompts of mc_task (2-shot)" in out
+    assert not (tiny_base_dir / "base_checkpoints" / "core_few").exists()
+
+
 # -----------------------------------------------------------------------------
 # dev/phase_lib.sh: skip a finished phase, resume one cut short
 
