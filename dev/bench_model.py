@@ -23,13 +23,12 @@ import torch  # noqa: E402
 
 from nanochat import flash_attention  # noqa: E402
 from nanochat.common import COMPUTE_DTYPE, get_peak_flops  # noqa: E402
-from scripts.base_train import build_model, model_config_for_depth, parse_args  # noqa: E402
+from nanochat.training import build_model, model_config_for_depth  # noqa: E402
 
 
 def bench(depth, batch_size, seq_len, vocab_size, steps, warmup, compile_model, window_pattern, device):
     # the same shape derivation and construction as base_train (depth -> width nudged to head_dim)
-    args = parse_args([f"--depth={depth}", f"--max-seq-len={seq_len}", f"--window-pattern={window_pattern}"])
-    config, _ = model_config_for_depth(args, vocab_size)
+    config, _ = model_config_for_depth(depth, vocab_size, max_seq_len=seq_len, window_pattern=window_pattern)
     model = build_model(config, device)
     optimizer = model.setup_optimizer(weight_decay=0.2 * (12 / depth) ** 2)
     train_model = torch.compile(model, dynamic=False) if compile_model else model

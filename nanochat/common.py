@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock
 
+from nanochat import hardware
+
 # -----------------------------------------------------------------------------
 # Logging
 
@@ -195,6 +197,13 @@ def get_dist_info():
 
 
 def autodetect_device_type():
+    """
+    cuda, else mps, else cpu. GPUs that nvidia-smi lists but torch cannot use (a torch build for
+    a newer CUDA than the driver, a CPU-only build) stop the run here instead of training on the CPU.
+    """
+    unusable = hardware.unusable_gpus_message()
+    if unusable:
+        raise ConfigError(unusable)
     if torch.cuda.is_available():
         device_type = "cuda"
     elif torch.backends.mps.is_available():
@@ -287,7 +296,8 @@ def compute_init(device_type="cuda"):
     if device_type not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"--device-type must be cuda, mps or cpu, got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device-type cuda was requested but CUDA is not available; pass --device-type cpu")
+        raise ConfigError(hardware.unusable_gpus_message()
+                          or "--device-type cuda was requested but torch sees no CUDA device; pass --device-type cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device-type mps was requested but MPS is not available; pass --device-type cpu")
 

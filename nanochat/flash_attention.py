@@ -3,34 +3,42 @@ Attention kernels behind one FA3-shaped interface.
 
 The model calls `flash_attn.flash_attn_func` and `flash_attn.flash_attn_with_kvcache` with the
 argument names and the (B, T, heads, D) layout of Flash Attention 3. With bf16 compute on CUDA we
-load FA3 through the `kernels` package (an optional dependency): Hopper (SM 9.x) gets the
-Hopper build, Ampere/Ada get the community build if one exists for this torch/CUDA, and
-Blackwell (SM 10+) has no FA3 build. Everywhere else (CPU, MPS, Blackwell, fp32/fp16 compute, or
-when loading fails) the same calls run on PyTorch's scaled_dot_product_attention (SDPA) with
-masks that reproduce FA3's semantics:
+load FA3 through the `kernels` package from a pinned hub revision: Hopper (SM 9.x) gets the
+Hopper build, Ampere/Ada the community build where one exists, Blackwell (SM 10+) has none.
+Everywhere else the same calls run on PyTorch's scaled_dot_product_attention (SDPA) with masks
+that reproduce FA3's semantics (causal aligned to the END of the keys; window_size=(left, right),
+-1 = unlimited). `ATTENTION` says which backend runs and why; on SM 9.0+ the training and serving
+scripts refuse to run on SDPA (require_fast_attention) unless NANOCHAT_ALLOW_SDPA=1.
 
-* `causal=True` aligns the queries to the END of the keys (query row r of Tq sits at absolute
-  position (Tk - Tq) + r), so a chunk of new queries attends to the whole cached prefix.
-* `window_size=(left, right)`: a query at position p may see keys in [p - left, p + right];
-  -1 means unlimited on that side. With causal=True the right side is 0.
-
-Tests force one implementation with `_override_impl = "fa3" | "sdpa"` (None = automatic). Later
-upstream tests also re-resolve `USE_FA3 = _resolve_use_fa3()` after setting it; both ways work.
+Tests force one implementation with `_override_impl = "fa3" | "sdpa"` (None = automatic), with or
+without re-resolving `USE_FA3 = _resolve_use_fa3()`, and may call `_use_fa3()` with no arguments.
 """
 
 import logging
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE
+from nanochat.common import COMPUTE_DTYPE, ConfigError
 
 logger = logging.getLogger(__name__)
 
 HOPPER_FA3_REPO = "varunneal/flash-attention-3"  # FA3 built for Hopper (SM 9.x)
 COMMUNITY_FA3_REPO = "kernels-community/flash-attn3"  # builds for other archs (Ampere, Ada), where they exist
+# kernels >= 0.15 refuses a repository without a revision or version, and a moving branch can drop
+# the build for our torch, so the revision is explicit. "main" is what upstream's proven pair
+# (torch 2.9.1 + CUDA 12.8, kernels 0.11.7) loads; pin a commit with NANOCHAT_FA3_REVISION.
+FA3_REVISION = os.environ.get("NANOCHAT_FA3_REVISION", "main")
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    backend: str  # "fa3" or "sdpa"
+    reason: str  # one line: where FA3 came from, or why SDPA runs
+    capability: tuple | None  # (major, minor) of the CUDA device, None without CUDA
 
 
 def _fa3_kernel_for_arch(major):
@@ -46,28 +54,49 @@ def _fa3_kernel_for_arch(major):
     return COMMUNITY_FA3_REPO, True
 
 
-def _load_flash_attention_3():
-    """FA3's interface module, or None. Only tried where it can be used: CUDA with bf16 compute."""
-    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16:
+def _hub_loader(repo, revision, ask_first):
+    """FA3's interface module from the hub through `kernels` (None when the repo has no build for us)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # keep the hub download quiet in training logs
+    from kernels import get_kernel, has_kernel
+    if ask_first and not has_kernel(repo, revision=revision):
         return None
+    return get_kernel(repo, revision=revision).flash_attn_interface
+
+
+def _load_flash_attention_3(capability=None, compute_dtype=None, loader=_hub_loader):
+    """
+    (FA3 interface module or None, AttentionChoice). Only tried where FA3 can run: CUDA with bf16
+    compute. capability and compute_dtype default to this machine's; tests inject them and a loader.
+    """
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    compute_dtype = COMPUTE_DTYPE if compute_dtype is None else compute_dtype
+
+    def sdpa(reason):
+        return None, AttentionChoice("sdpa", reason, capability)
+
+    if capability is None:
+        return sdpa("no CUDA device")
+    sm = f"SM {capability[0]}.{capability[1]}"
+    if compute_dtype != torch.bfloat16:
+        return sdpa(f"compute dtype {str(compute_dtype).removeprefix('torch.')} (FA3 runs in bf16 only; see NANOCHAT_DTYPE)")
+    choice = _fa3_kernel_for_arch(capability[0])
+    if choice is None:
+        return sdpa(f"no FA3 build exists for {sm}")
+    repo, ask_first = choice
     try:
-        major, _minor = torch.cuda.get_device_capability()
-        choice = _fa3_kernel_for_arch(major)
-        if choice is None:
-            return None
-        repo, ask_first = choice
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # keep the hub download quiet in training logs
-        from kernels import get_kernel, has_kernel
-        if ask_first and not has_kernel(repo):
-            return None
-        return get_kernel(repo).flash_attn_interface
-    except Exception as e:  # missing package, no network, ABI mismatch: all mean "use SDPA"
+        module = loader(repo, FA3_REVISION, ask_first)
+    except Exception as e:  # missing package, no network, no build for this torch/CUDA, ABI mismatch
         first_line = (str(e).strip().splitlines() or [""])[0]
-        logger.warning(f"Flash Attention 3 not available ({type(e).__name__}: {first_line}); using PyTorch SDPA")
-        return None
+        return sdpa(f"FA3 from {repo}@{FA3_REVISION} failed to load ({type(e).__name__}: {first_line})")
+    if module is None:
+        return sdpa(f"{repo}@{FA3_REVISION} has no build for this torch/CUDA on {sm}")
+    return module, AttentionChoice("fa3", f"Flash Attention 3 from {repo}@{FA3_REVISION} ({sm})", capability)
 
 
-_fa3 = _load_flash_attention_3()
+_fa3, _LOADED = _load_flash_attention_3()
+if _LOADED.backend == "sdpa" and _LOADED.capability is not None:
+    logger.warning(f"Flash Attention 3 not used: {_LOADED.reason}; attention runs on PyTorch SDPA")
 HAS_FA3 = _fa3 is not None  # loaded, which also means compute is bf16 on CUDA
 
 # None = automatic, "fa3" = force FA3 (error if missing), "sdpa" = force the SDPA fallback.
@@ -90,11 +119,40 @@ def _resolve_use_fa3():
 USE_FA3 = _resolve_use_fa3()  # resolved once; code that changes _override_impl may re-resolve it
 
 
-def _use_fa3(q):
+def _use_fa3(q=None):
+    """Whether attention runs on FA3 (for q, when given: a CPU or fp32 tensor never reaches the bf16 CUDA kernel)."""
     if _override_impl is not None:
         return _resolve_use_fa3()  # an override set without re-resolving USE_FA3 still applies
-    # A CPU model on a GPU machine, or an fp32 call, must not reach the bf16 CUDA kernel.
+    if q is None:
+        return USE_FA3
     return USE_FA3 and q.is_cuda and q.dtype == torch.bfloat16
+
+
+def attention_backend():
+    """The AttentionChoice in effect now (an override wins over what was loaded)."""
+    if _use_fa3():
+        return _LOADED if _LOADED.backend == "fa3" else AttentionChoice("fa3", "forced by _override_impl", _LOADED.capability)
+    if _LOADED.backend == "fa3":
+        return AttentionChoice("sdpa", "forced by _override_impl", _LOADED.capability)
+    return _LOADED
+
+
+def require_fast_attention(device_type, choice=None, environ=os.environ):
+    """
+    On SM 9.0+ GPUs, stop unless attention runs on FA3: SDPA runs the short sliding windows through
+    explicit masks there and a run takes several times as long while looking healthy.
+    NANOCHAT_ALLOW_SDPA=1 accepts SDPA. Returns the AttentionChoice that will run.
+    """
+    choice = choice or attention_backend()
+    if device_type != "cuda" or choice.backend == "fa3" or choice.capability is None or choice.capability[0] < 9:
+        return choice
+    if environ.get("NANOCHAT_ALLOW_SDPA", "0") == "1":
+        logger.warning(f"attention runs on PyTorch SDPA ({choice.reason}); accepted by NANOCHAT_ALLOW_SDPA=1")
+        return choice
+    raise ConfigError(f"attention would run on PyTorch SDPA, not Flash Attention 3, on this SM "
+                      f"{choice.capability[0]}.{choice.capability[1]} GPU: {choice.reason}. SDPA is several times "
+                      "slower here; run `python -m scripts.preflight` to see why, or set NANOCHAT_ALLOW_SDPA=1 "
+                      "to train on SDPA anyway")
 
 
 # -----------------------------------------------------------------------------

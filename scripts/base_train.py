@@ -31,7 +31,6 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
-import gc
 import importlib
 import math
 import time
@@ -40,13 +39,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat import flash_attention
 from nanochat.checkpoint_manager import (
     load_checkpoint, load_model_state, load_optimizer_for_rank, save_checkpoint,
 )
 from nanochat.common import (
-    COMPUTE_DTYPE, ConfigError, DummyWandb, autodetect_device_type, compile_enabled, compute_cleanup, compute_init,
-    get_base_dir, get_peak_flops, parse_flags, print0, print_banner, run_script,
+    COMPUTE_DTYPE, ConfigError, compile_enabled, compute_cleanup, get_base_dir, parse_flags, print0, print_banner, run_script,
 )
 from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
@@ -57,6 +54,10 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.run_summary import history_before, read_summary, summary_path, write_summary
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (
+    ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, WINDOW_PATTERN, build_model, init_runtime, init_wandb, lr_multiplier,
+    manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights,
+)
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -78,10 +79,10 @@ def parse_args(argv=None):
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     # model shape
     parser.add_argument("--depth", type=int, default=20, help="number of transformer layers; sets every other dimension")
-    parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (nudged up to a multiple of head_dim)")
-    parser.add_argument("--head-dim", type=int, default=128, help="target attention head dimension")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="context length")
-    parser.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern over layers (S=half context, L=full); last layer is always L")
+    parser.add_argument("--aspect-ratio", type=int, default=ASPECT_RATIO, help="model_dim = depth * aspect_ratio (nudged up to a multiple of head_dim)")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="target attention head dimension")
+    parser.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="context length")
+    parser.add_argument("--window-pattern", type=str, default=WINDOW_PATTERN, help="sliding-window pattern over layers (S=half context, L=full); last layer is always L")
     # horizon: the first one that is set wins
     parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps (-1 = derive)")
     parser.add_argument("--target-flops", type=float, default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
@@ -113,31 +114,8 @@ def parse_args(argv=None):
     return parse_flags(parser, argv)
 
 
-def model_config_for_depth(args, vocab_size):
-    """width = depth * aspect_ratio rounded up to a multiple of head_dim, so heads are exactly head_dim wide."""
-    if args.depth < 1:
-        raise ConfigError(f"--depth must be >= 1, got {args.depth}")
-    if args.max_seq_len < 1:
-        raise ConfigError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
-    if args.head_dim < 2 or args.head_dim % 2:
-        raise ConfigError(f"--head-dim must be a positive even number (RoPE rotates pairs), got {args.head_dim}")
-    base_dim = args.depth * args.aspect_ratio
-    if base_dim < 1:
-        raise ConfigError(f"--aspect-ratio must be >= 1, got {args.aspect_ratio}")
-    model_dim = math.ceil(base_dim / args.head_dim) * args.head_dim
-    num_heads = model_dim // args.head_dim
-    return GPTConfig(
-        sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
-        n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern,
-    ), base_dim
-
-
-def build_model(config, device):
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+def model_config_for_args(args, vocab_size):
+    return model_config_for_depth(args.depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern)
 
 
 def scaling_params(model):
@@ -153,8 +131,7 @@ def auto_total_batch_size(args, num_scaling_params, vocab_size):
     """
     if args.target_param_data_ratio <= 0:
         raise ConfigError("--total-batch-size=-1 derives the batch from --target-param-data-ratio; set a ratio > 0 or pass an explicit --total-batch-size")
-    reference_args = argparse.Namespace(**{**vars(args), "depth": 12, "aspect_ratio": 64, "head_dim": 128})
-    reference_config, _ = model_config_for_depth(reference_args, vocab_size)
+    reference_config, _ = model_config_for_depth(12, vocab_size, max_seq_len=args.max_seq_len, window_pattern=args.window_pattern)
     with torch.device("meta"):
         reference_params = scaling_params(GPT(reference_config))
     data_ratio = num_scaling_params / reference_params  # D / D_ref at a fixed tokens:params ratio
@@ -177,81 +154,14 @@ def compute_num_iterations(args, flops_per_token, num_scaling_params, total_batc
     raise ConfigError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio")
 
 
-def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, flat, then linear warmdown to final_lr_frac."""
-    warmup_iters = round(warmup_ratio * num_iterations)
-    warmdown_iters = round(warmdown_ratio * num_iterations)
-    if it < warmup_iters:
-        return (it + 1) / warmup_iters
-    if it <= num_iterations - warmdown_iters:
-        return 1.0
-    progress = (num_iterations - it) / warmdown_iters
-    return progress * 1.0 + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(it):
-    """0.85 -> 0.95 over the first 300 steps."""
-    frac = min(it / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def manage_garbage_collection(step, first_step):
-    """
-    Python's cyclic GC pauses ~0.5 s at a time at this allocation rate while freeing almost
-    nothing (upstream measured this and turned it off). After the first step of this process (0, or the resume step) collect
-    the setup garbage, freeze what survives and turn automatic collection off; then collect by
-    hand every 5000 steps.
-    """
-    if step == first_step:
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-    elif step % 5000 == 0:
-        gc.collect()
-
-
-def synchronize(device):
-    """Wait for the device, so that host timers measure its work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 # -----------------------------------------------------------------------------
 # Setup: devices, the model and the training plan, each printed as it is decided
 
 
-@dataclass
-class Runtime:
-    device_type: str
-    ddp: bool
-    rank: int
-    world_size: int
-    device: torch.device
-    peak_flops: float
-
-
-def init_runtime(device_type):
-    """Pick the device (empty = autodetect), join the process group under torchrun, and find the peak FLOP/s for MFU."""
-    device_type = device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
-    peak_flops = float("inf")  # MFU is only meaningful on a GPU
-    if device_type == "cuda":
-        gpu_name = torch.cuda.get_device_name(device)
-        peak_flops = get_peak_flops(gpu_name)
-        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
-    print0(f"Compute dtype: {COMPUTE_DTYPE}")
-    return Runtime(device_type, ddp, rank, world_size, device, peak_flops)
-
-
 def setup_runtime(args):
-    """init_runtime, then which attention kernels run (the chat phases share init_runtime; only this one has --window-pattern)."""
+    """init_runtime, then a word on SDPA's cost for sliding windows (only this phase has --window-pattern)."""
     runtime = init_runtime(args.device_type)
-    if flash_attention.USE_FA3:
-        print0("Using Flash Attention 3.")
-    else:
-        print0("WARNING: Flash Attention 3 is not available; using PyTorch SDPA (slower).")
+    if runtime.attention == "sdpa":
         if args.window_pattern.upper() != "L":
             print0(f"WARNING: SDPA runs the sliding windows of --window-pattern={args.window_pattern} with explicit masks, "
                    "which is slow; consider --window-pattern=L.")
@@ -260,7 +170,7 @@ def setup_runtime(args):
 
 def build_and_describe_model(args, vocab_size, device):
     """The model for --depth, initialized; prints its shape, parameter counts and FLOPs per token."""
-    config, base_dim = model_config_for_depth(args, vocab_size)
+    config, base_dim = model_config_for_args(args, vocab_size)
     nudge = f" (nudged up from {base_dim})" if config.n_embd != base_dim else ""
     print0(f"num_layers: {config.n_layer}")
     print0(f"model_dim: {config.n_embd}{nudge}")
@@ -529,11 +439,7 @@ def main(argv=None):
     user_config = dict(vars(args))
     device = runtime.device
     master_process = runtime.rank == 0
-    if args.run == "dummy" or not master_process:
-        wandb_run = DummyWandb()
-    else:
-        import wandb
-        wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
+    wandb_run = init_wandb("nanochat", args.run, user_config, runtime.rank)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
@@ -683,33 +589,6 @@ def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_siz
         # which tasks the CORE estimate covers, e.g. a partial offline reconstruction of the eval bundle
         {"CORE tasks": core_label} if core_label else None,
     ])
-
-
-def update_weights(model, optimizer, scaler, ddp):
-    """The optimizer step (through the loss scaler under fp16), then the gradients cleared; every phase's update."""
-    if scaler:
-        step_with_loss_scaling(scaler, optimizer, ddp)
-    else:
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-
-
-def step_with_loss_scaling(scaler, optimizer, ddp):
-    """
-    fp16: unscale, agree across ranks on whether any rank saw inf/nan (MuonAdamW averages
-    gradients inside step(), so every rank must skip or step together, and every rank's scaler
-    must shrink or grow alike), then step.
-    """
-    scaler.unscale_(optimizer)
-    found_inf_tensors = list(scaler._found_inf_per_device(optimizer).values())  # GradScaler keeps no public handle
-    found_inf = torch.stack([t.float() for t in found_inf_tensors]).max()
-    if ddp:
-        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
-    for t in found_inf_tensors:
-        t.copy_(found_inf)
-    if found_inf.item() == 0:
-        optimizer.step()
-    scaler.update()
 
 
 if __name__ == "__main__":

@@ -64,9 +64,9 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from scripts.base_train import init_runtime, synchronize, update_weights
+from nanochat.training import init_runtime, init_wandb, synchronize, update_weights
 from scripts.chat_training import (
-    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer, init_wandb, load_resume_optimizer,
+    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer, load_resume_optimizer,
     phase_parser,
 )
 from tasks.gsm8k import GSM8K
@@ -401,7 +401,7 @@ def main(argv=None):
     print_banner()
     runtime = init_runtime(args.device_type)
     check_flags(args, runtime.world_size)
-    wandb_run = init_wandb("nanochat-rl", args.run, user_config, runtime)
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, runtime.rank)
 
     source = resolve_source(args)
     train_task = GSM8K(subset="main", split="train")

@@ -48,10 +48,10 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from scripts.base_train import init_runtime, lr_multiplier, manage_garbage_collection, synchronize, update_weights
+from nanochat.training import init_runtime, init_wandb, lr_multiplier, manage_garbage_collection, synchronize, update_weights
 from scripts.chat_training import (
     MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
-    check_resume_step, init_wandb, load_mixture, load_resume_checkpoint, load_resume_optimizer,
+    check_resume_step, load_mixture, load_resume_checkpoint, load_resume_optimizer,
     load_source_model, mixture_markdown, phase_parser, restore_loop_state, save_resumable_checkpoint,
     warm_start_optimizer,
 )
@@ -172,7 +172,7 @@ def main(argv=None):
     runtime = init_runtime(args.device_type)
     device = runtime.device
     grad_accum_steps = check_args(args, runtime.world_size)
-    wandb_run = init_wandb("nanochat-sft", args.run, user_config, runtime)
+    wandb_run = init_wandb("nanochat-sft", args.run, user_config, runtime.rank)
 
     model, tokenizer, _ = load_source_model(args.source, device, args.model_tag, args.model_step)
     max_tokens = model.config.sequence_len  # rows never outgrow the context the model was trained on

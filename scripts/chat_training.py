@@ -1,7 +1,7 @@
 """
 What the chat training phases (scripts.mid_train, scripts.chat_sft) share; scripts.chat_rl uses the
 flags, optimizer and wandb helpers (its checkpoints carry other loop state). The device setup is
-scripts.base_train.init_runtime.
+nanochat.training.init_runtime.
 
     phase_parser / add_source_flags / add_optimizer_flags / add_checkpoint_flags
                                       the flags all three phases have, with the same names and help
@@ -33,7 +33,7 @@ from nanochat.checkpoint_manager import (
     PHASE_SCRIPTS, checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, load_model, load_model_state,
     load_optimizer_for_rank, load_optimizer_state, meta_path, save_checkpoint,
 )
-from nanochat.common import ConfigError, DummyWandb, MissingInputError, get_base_dir, print0
+from nanochat.common import ConfigError, MissingInputError, get_base_dir, print0
 from nanochat.gpt import GPTConfig
 from tasks.common import TaskMixture
 from tasks.hub import PROVENANCE_NAME, task_data_dir
@@ -72,14 +72,6 @@ def add_checkpoint_flags(parser, save_every=-1):
     parser.add_argument("--save-every", type=int, default=save_every, help="also save every N steps, to resume from (-1 = only at the end)")
     parser.add_argument("--resume-from-step", type=int, default=-1,
                         help="resume this run from its checkpoint at this step (-1 = start fresh)")
-
-
-def init_wandb(project, run_name, config, runtime):
-    if run_name == "dummy" or runtime.rank != 0:
-        return DummyWandb()
-    import wandb
-
-    return wandb.init(project=project, name=run_name, config=config)
 
 
 def synchronize_flags(values, runtime):

@@ -46,6 +46,7 @@ import nanochat
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS, checkpoints_dir_for, find_largest_model, load_model
 from nanochat.common import ConfigError, autodetect_device_type, compute_init, parse_flags, run_script
 from nanochat.engine import Engine
+from nanochat.flash_attention import require_fast_attention
 from nanochat.tokenizer import IncrementalDecoder
 from scripts import chat_web_api as api
 
@@ -112,6 +113,8 @@ def make_worker(gpu_id, device, model, tokenizer):
 def load_workers(args):
     """One replica per GPU (CPU/MPS: exactly one). Returns (workers, model_id)."""
     device_type = args.device_type or autodetect_device_type()
+    attention = require_fast_attention(device_type)
+    logger.info(f"Attention: {attention.backend} ({attention.reason})")
     if args.num_gpus < 1:
         raise ConfigError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     if device_type != "cuda" and args.num_gpus > 1:

@@ -40,6 +40,7 @@ from nanochat.common import (
     run_script,
 )
 from nanochat.engine import Engine
+from nanochat.flash_attention import require_fast_attention
 from scripts.chat_cli import load_chat_model
 
 RANDOM_MODEL_VOCAB_SIZE = 32768  # tok_train's default vocab
@@ -89,11 +90,9 @@ class TokenIdsOnly:
 
 def build_random_model(depth, max_seq_len, device):
     """A base_train-shaped model of `depth` with random weights in every matrix."""
-    from scripts.base_train import build_model, model_config_for_depth
-    from scripts.base_train import parse_args as base_train_args
+    from nanochat.training import build_model, model_config_for_depth
 
-    config, _ = model_config_for_depth(base_train_args([f"--depth={depth}", f"--max-seq-len={max_seq_len}"]),
-                                       RANDOM_MODEL_VOCAB_SIZE)
+    config, _ = model_config_for_depth(depth, RANDOM_MODEL_VOCAB_SIZE, max_seq_len=max_seq_len)
     model = build_model(config, device)
     # Training starts with zero output projections (each block is the identity) and a near-zero
     # lm_head (flat logits): greedy tokens would then ignore the context and near-ties would pick
@@ -307,6 +306,7 @@ def finite(value):
 def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
+    attention = require_fast_attention(device_type)
     ddp, _, _, _, device = compute_init(device_type)
     if ddp:
         raise ConfigError("infer_bench measures one device: run it with python -m, not torchrun")
@@ -320,7 +320,8 @@ def main(argv=None):
 
     print(f"Model: {described['source']} {described['model_tag'] or ''} | depth {config.n_layer}, dim {config.n_embd}, "
           f"heads {config.n_head}, kv heads {config.n_kv_head}, vocab {config.vocab_size} | "
-          f"{sum(p.numel() for p in model.parameters()):,} params | {device} {str(COMPUTE_DTYPE).removeprefix('torch.')}")
+          f"{sum(p.numel() for p in model.parameters()):,} params | {device} {str(COMPUTE_DTYPE).removeprefix('torch.')} | "
+          f"attention {attention.backend} ({attention.reason})")
     print(f"Prompt {prompt_len} tokens, {args.decode_tokens} decode tokens, temperature {args.temperature}, "
           f"batch sizes {','.join(map(str, batch_sizes))}")
     if card is not None:

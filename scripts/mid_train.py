@@ -44,10 +44,10 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import init_runtime, manage_garbage_collection, muon_momentum, synchronize, update_weights
+from nanochat.training import init_runtime, init_wandb, manage_garbage_collection, muon_momentum, synchronize, update_weights
 from scripts.chat_training import (
     MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
-    check_resume_step, init_wandb, load_mixture, load_resume_checkpoint, load_resume_optimizer,
+    check_resume_step, load_mixture, load_resume_checkpoint, load_resume_optimizer,
     load_source_model, mixture_markdown, phase_parser, restore_loop_state, save_resumable_checkpoint,
     synchronize_flags,
 )
@@ -149,7 +149,7 @@ def main(argv=None):
     print_banner()
     runtime = init_runtime(args.device_type)
     device = runtime.device
-    wandb_run = init_wandb("nanochat-mid", args.run, user_config, runtime)
+    wandb_run = init_wandb("nanochat-mid", args.run, user_config, runtime.rank)
 
     orig_model, tokenizer, base_meta = load_source_model("base", device, args.model_tag, args.model_step)
     pretrain_batch_size = base_meta.get("device_batch_size")

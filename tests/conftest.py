@@ -9,6 +9,7 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     synthetic_documents(n, s)   English-like documents from a tiny grammar: learnable, varied lengths
     child_env(base)             the environment for a script subprocess working in `base`
     kill_once_saved(cmd, env, meta)  a script subprocess SIGKILLed mid-run, right after a save
+    fake_nvidia_smi(dir, ...)   an nvidia-smi in dir that lists GPUs (for PATH), like an old driver's
     LocalHTTPServer(handler)    a real HTTP server on 127.0.0.1 for the download and client tests
     QuietHandler                its request handler base, without the per-request log lines
     build_gpt(config, seed, perturb)  a real GPT on CPU, initialized, optionally with noisy weights
@@ -126,6 +127,29 @@ def kill_once_saved(cmd, env, meta_path):
     output = "".join(seen)
     assert process.returncode == -signal.SIGKILL, f"the run ended (exit {process.returncode}) before it was killed:\n{output}"
     return output
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# answers like nvidia-smi on a node with {count} x {name}, driver {driver} (CUDA {cuda})
+case "$*" in
+    *compute_cap*) {caps} ;;
+    *--query-gpu=*) i=0; while [ $i -lt {count} ]; do echo "{name}, {memory}, {driver}"; i=$((i+1)); done ;;
+    "") echo "| NVIDIA-SMI {driver}    Driver Version: {driver}    CUDA Version: {cuda}     |" ;;
+    *) echo "fake nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
+esac
+"""
+
+
+def fake_nvidia_smi(directory, count=8, name="NVIDIA H100 80GB HBM3", memory=81559, driver="535.104.05", cuda="12.2",
+                    capability="9.0"):
+    """Write an executable nvidia-smi into directory; capability=None answers like a pre-R510 driver (no compute_cap)."""
+    caps = (f'i=0; while [ $i -lt {count} ]; do echo "{capability}"; i=$((i+1)); done' if capability
+            else 'echo "Field \\"compute_cap\\" is not a valid field to query." >&2; exit 2')
+    path = os.path.join(str(directory), "nvidia-smi")
+    with open(path, "w") as f:
+        f.write(FAKE_NVIDIA_SMI.format(count=count, name=name, memory=memory, driver=driver, cuda=cuda, caps=caps))
+    os.chmod(path, 0o755)
+    return path
 
 
 def build_gpt(config, seed=0, perturb=0.0):

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT, child_env, kill_once_saved
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
 from scripts.base_train import (
-    auto_total_batch_size, lr_multiplier, manage_garbage_collection, model_config_for_depth, muon_momentum, parse_args,
+    auto_total_batch_size, lr_multiplier, manage_garbage_collection, model_config_for_args, muon_momentum, parse_args,
     scaling_params,
 )
 
@@ -156,7 +156,7 @@ def test_unavailable_device_fails_at_start_with_a_message(base_dir, device_flag,
 def test_single_step_run_without_evaluation_still_saves_the_last_step(base_dir):
     """--eval-every=-1 skips every evaluation, the last step included; a 1-step horizon with no warmdown divides by nothing."""
     args = parse_args(TINY_FLAGS)
-    config, _ = model_config_for_depth(args, 512)  # tok_train made a 512-token vocab
+    config, _ = model_config_for_args(args, 512)  # tok_train made a 512-token vocab
     with torch.device("meta"):
         params = scaling_params(GPT(config))
     ratio = 300 / params  # 300 tokens of data: one step of 256 tokens
@@ -273,7 +273,7 @@ def test_auto_batch_size_follows_the_power_lines_rule():
     expected = {8: 2**18, 10: 2**19, 12: 2**19, 16: 2**19, 18: 2**20, 20: 2**20, 26: 2**20, 32: 2**21}
     for depth, batch in expected.items():
         args = parse_args([f"--depth={depth}", "--total-batch-size=-1"])
-        config, _ = model_config_for_depth(args, 32768)
+        config, _ = model_config_for_args(args, 32768)
         with torch.device("meta"):
             params = scaling_params(GPT(config))
         assert auto_total_batch_size(args, params, 32768)[0] == batch, depth

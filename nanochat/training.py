@@ -1,0 +1,209 @@
+"""
+What every training phase (base_train, mid_train, chat_sft, chat_rl) shares: the runtime (device,
+ranks, peak FLOP/s, the attention backend, refused when it would be slow), the model for a depth,
+the weight update with fp16 loss scaling, the GC policy, device synchronisation and wandb.
+"""
+
+import gc
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanochat import flash_attention
+from nanochat.common import (
+    COMPUTE_DTYPE, ConfigError, DummyWandb, UserError, autodetect_device_type, compute_init, get_peak_flops, print0,
+)
+from nanochat.gpt import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# Runtime
+
+
+@dataclass
+class Runtime:
+    device_type: str
+    ddp: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    peak_flops: float
+    attention: str = "sdpa"  # the attention backend that runs: "fa3" or "sdpa"
+
+
+def init_runtime(device_type):
+    """
+    Pick the device (empty = autodetect), join the process group under torchrun, find the peak
+    FLOP/s for MFU, and say which attention backend runs: on SM 9.0+ GPUs SDPA stops the run
+    (flash_attention.require_fast_attention) unless NANOCHAT_ALLOW_SDPA=1.
+    """
+    device_type = device_type or autodetect_device_type()
+    attention = flash_attention.require_fast_attention(device_type)
+    ddp, rank, _, world_size, device = compute_init(device_type)
+    peak_flops = float("inf")  # MFU is only meaningful on a GPU
+    if device_type == "cuda":
+        gpu_name = torch.cuda.get_device_name(device)
+        peak_flops = get_peak_flops(gpu_name)
+        print0(f"GPU: {gpu_name} | peak bf16 FLOP/s: {peak_flops:.3e}")
+    print0(f"Compute dtype: {COMPUTE_DTYPE}")
+    print0(f"Attention: {attention.backend} ({attention.reason})")
+    return Runtime(device_type, ddp, rank, world_size, device, peak_flops, attention.backend)
+
+
+def synchronize(device):
+    """Wait for the device, so that host timers measure its work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# wandb
+
+
+def wandb_login_problem(run_name, environ=os.environ, netrc_path=None):
+    """
+    Why wandb.init would fail for --run=run_name, or None. wandb reads its key from WANDB_API_KEY or
+    the netrc file `wandb login` writes; WANDB_MODE=offline/disabled needs none.
+    """
+    if run_name == "dummy" or environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return None
+    if environ.get("WANDB_API_KEY"):
+        return None
+    host = environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    netrc_path = netrc_path or environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        import netrc
+        if netrc.netrc(netrc_path).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return (f"--run={run_name} (WANDB_RUN) logs to wandb, but this machine has no wandb login: run `wandb login` "
+            "(or set WANDB_API_KEY), set WANDB_MODE=offline to log locally, or use --run=dummy for no wandb")
+
+
+def init_wandb(project, run_name, config, rank):
+    """A wandb run on rank 0 (a stand-in elsewhere, or with --run=dummy); a missing login is one clear error."""
+    if run_name == "dummy" or rank != 0:
+        return DummyWandb()
+    problem = wandb_login_problem(run_name)
+    if problem:
+        raise ConfigError(problem)
+    import wandb
+
+    try:
+        return wandb.init(project=project, name=run_name, config=config)
+    except (wandb.errors.UsageError, wandb.errors.CommError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"wandb could not start run {run_name!r}: {first_line}; check `wandb login`, "
+                        "or set WANDB_MODE=offline") from None
+
+
+# -----------------------------------------------------------------------------
+# The model for a depth
+
+
+# base_train's defaults: the shape every depth of the miniseries shares
+ASPECT_RATIO = 64
+HEAD_DIM = 128
+MAX_SEQ_LEN = 2048
+WINDOW_PATTERN = "SSSL"
+
+
+def model_config_for_depth(depth, vocab_size, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM, max_seq_len=MAX_SEQ_LEN,
+                           window_pattern=WINDOW_PATTERN):
+    """
+    The GPTConfig that --depth sets: width = depth * aspect_ratio rounded up to a multiple of head_dim,
+    so heads are exactly head_dim wide. Returns (config, width before rounding).
+    """
+    if depth < 1:
+        raise ConfigError(f"--depth must be >= 1, got {depth}")
+    if max_seq_len < 1:
+        raise ConfigError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    if head_dim < 2 or head_dim % 2:
+        raise ConfigError(f"--head-dim must be a positive even number (RoPE rotates pairs), got {head_dim}")
+    base_dim = depth * aspect_ratio
+    if base_dim < 1:
+        raise ConfigError(f"--aspect-ratio must be >= 1, got {aspect_ratio}")
+    model_dim = math.ceil(base_dim / head_dim) * head_dim
+    num_heads = model_dim // head_dim
+    return GPTConfig(
+        sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth,
+        n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim, window_pattern=window_pattern,
+    ), base_dim
+
+
+def build_model(config, device):
+    """A GPT with freshly initialized weights on device (built on the meta device first: no wasted init)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# The step
+
+
+def update_weights(model, optimizer, scaler, ddp):
+    """The optimizer step (through the loss scaler under fp16), then the gradients cleared; every phase's update."""
+    if scaler:
+        step_with_loss_scaling(scaler, optimizer, ddp)
+    else:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
+def step_with_loss_scaling(scaler, optimizer, ddp):
+    """
+    fp16: unscale, agree across ranks on whether any rank saw inf/nan (MuonAdamW averages
+    gradients inside step(), so every rank must skip or step together, and every rank's scaler
+    must shrink or grow alike), then step.
+    """
+    scaler.unscale_(optimizer)
+    found_inf_tensors = list(scaler._found_inf_per_device(optimizer).values())  # GradScaler keeps no public handle
+    found_inf = torch.stack([t.float() for t in found_inf_tensors]).max()
+    if ddp:
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    for t in found_inf_tensors:
+        t.copy_(found_inf)
+    if found_inf.item() == 0:
+        optimizer.step()
+    scaler.update()
+
+
+def manage_garbage_collection(step, first_step):
+    """
+    Python's cyclic GC pauses ~0.5 s at a time at this allocation rate while freeing almost
+    nothing (upstream measured this and turned it off). After the first step of this process (0,
+    or the resume step) collect the setup garbage, freeze what survives and turn automatic
+    collection off; then collect by hand every 5000 steps.
+    """
+    if step == first_step:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
+
+
+def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """The LR schedule of base_train and chat_sft: linear warmup, flat, then linear warmdown to final_lr_frac."""
+    warmup_iters = round(warmup_ratio * num_iterations)
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    if it <= num_iterations - warmdown_iters:
+        return 1.0
+    progress = (num_iterations - it) / warmdown_iters
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it):
+    """Muon's momentum warmup: 0.85 -> 0.95 over the first 300 steps."""
+    frac = min(it / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
