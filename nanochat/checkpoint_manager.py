@@ -24,10 +24,13 @@ Consumers of a finished phase: model, tokenizer, meta = load_model("sft", device
 to warm-start the optimizer: load_optimizer_state("base", device, rank) (None if it was saved without one).
 """
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -90,7 +93,7 @@ def _current_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, collective=False):
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0, collective=False, keep=-1):
     """
     Write one checkpoint. Rank 0 writes the model and, last, the meta JSON; every rank that
     passes optimizer_data writes its own optimizer shard. The meta gets `world_size`, the number
@@ -99,6 +102,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     in a multi-rank run, barriers make rank 0 wait for every shard before it marks the checkpoint
     complete. collective=False (the default): this call waits for no other rank; upstream's
     mid_train saves from rank 0 alone that way, and a barrier would hang it.
+    keep=N > 0: once this checkpoint is complete, delete all but the newest N complete ones.
+    A full disk is one clear error (DiskFullError) naming the last complete step.
     """
     step = int(step)
     world_size = _current_world_size()
@@ -110,24 +115,112 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         os.remove(meta_path(checkpoint_dir, step))
     if wait_for_every_rank:
         dist.barrier()  # no rank overwrites its shard while the old meta still vouches for it
+    with _disk_full_is_one_error(checkpoint_dir, step, rank):
+        if rank == 0:
+            path = model_path(checkpoint_dir, step)
+            with atomic_open(path, "wb") as f:
+                torch.save(model_data, f)
+            logger.info(f"Saved model parameters to: {path}")
+        if optimizer_data is not None:
+            path = optim_path(checkpoint_dir, step, rank)
+            with atomic_open(path, "wb") as f:
+                torch.save(optimizer_data, f)
+            logger.info(f"Saved optimizer state to: {path}")
+        if wait_for_every_rank:
+            dist.barrier()  # every shard is on disk
+        if rank == 0:
+            meta = {**meta_data, "world_size": world_size}
+            path = meta_path(checkpoint_dir, step)
+            with atomic_open(path, "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+            logger.info(f"Saved metadata to: {path}")
+    if keep > 0:
+        _prune(checkpoint_dir, keep, rank, wait_for_every_rank)
+
+
+# -----------------------------------------------------------------------------
+# Bounded disk: pruning, and a full disk as one clear error
+
+
+class DiskFullError(UserError, OSError):
+    """The filesystem filled up during a save; the message names the last complete checkpoint."""
+
+
+def _is_disk_full(error):
+    # torch's zip writer reports a short write as "[enforce fail at inline_container.cc] unexpected pos"
+    text = str(error)
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+            or "unexpected pos" in text)
+
+
+def complete_steps(checkpoint_dir):
+    """Steps with a complete checkpoint (model file and meta JSON both present), oldest first."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    steps = []
+    for name in os.listdir(checkpoint_dir):
+        m = re.fullmatch(r"model_(\d+)\.pt", name)
+        if m and os.path.exists(os.path.join(checkpoint_dir, f"meta_{m.group(1)}.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_error(checkpoint_dir, step, rank):
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not _is_disk_full(error):
+            raise
+        # This step is incomplete (no meta): its finished files only take space now.
+        for path in ([model_path(checkpoint_dir, step)] if rank == 0 else []) + [optim_path(checkpoint_dir, step, rank)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        free_gb = shutil.disk_usage(checkpoint_dir).free / 1e9
+        earlier = [s for s in complete_steps(checkpoint_dir) if s != step]
+        if earlier:
+            resume = (f"the last complete checkpoint is step {earlier[-1]}: free some space (or keep fewer checkpoints "
+                      f"with --keep-checkpoints=1) and resume with --resume-from-step={earlier[-1]}")
+        else:
+            resume = "there is no complete checkpoint yet: free some space and start the run again"
+        raise DiskFullError(f"out of disk space while saving step {step} to {checkpoint_dir} ({free_gb:.1f} GB free); "
+                            f"{resume} (re-running speedrun.sh resumes by itself)") from None
+
+
+def _checkpoint_files(checkpoint_dir):
+    """{step: [paths]} of every checkpoint file in the directory, temp files of killed writes included."""
+    files = {}
+    pattern = re.compile(r"(?:model|meta|optim)_(\d+)(?:_rank\d+)?\.(?:pt|json)(?:\..+\.tmp)?")
+    for name in os.listdir(checkpoint_dir):
+        m = pattern.fullmatch(name)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(os.path.join(checkpoint_dir, name))
+    return files
+
+
+def _prune(checkpoint_dir, keep, rank, collective):
+    """
+    Delete every checkpoint file but those of the newest `keep` complete checkpoints (leftovers of
+    killed saves too), after the newest is complete: a kill at any moment leaves that one whole. Each step loses its meta first (so a
+    half-deleted step is never taken for complete), then its other files. Every rank deletes its
+    own shards too (nodes without a shared filesystem); rank 0 decides which steps go.
+    """
+    doomed = []
     if rank == 0:
-        path = model_path(checkpoint_dir, step)
-        with atomic_open(path, "wb") as f:
-            torch.save(model_data, f)
-        logger.info(f"Saved model parameters to: {path}")
-    if optimizer_data is not None:
-        path = optim_path(checkpoint_dir, step, rank)
-        with atomic_open(path, "wb") as f:
-            torch.save(optimizer_data, f)
-        logger.info(f"Saved optimizer state to: {path}")
-    if wait_for_every_rank:
-        dist.barrier()  # every shard is on disk
-    if rank == 0:
-        meta = {**meta_data, "world_size": world_size}
-        path = meta_path(checkpoint_dir, step)
-        with atomic_open(path, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        logger.info(f"Saved metadata to: {path}")
+        kept = complete_steps(checkpoint_dir)[-keep:]
+        doomed = sorted(s for s in _checkpoint_files(checkpoint_dir) if kept and s not in kept)
+    if collective:
+        shared = [doomed]
+        dist.broadcast_object_list(shared, src=0)  # also a barrier: the new meta is on disk
+        doomed = shared[0]
+    files = _checkpoint_files(checkpoint_dir)
+    for step in doomed:
+        paths = files.get(step, []) if rank == 0 else [optim_path(checkpoint_dir, step, rank)]
+        for path in sorted(paths, key=lambda p: not os.path.basename(p).startswith("meta_")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    if rank == 0 and doomed:
+        logger.info(f"Deleted checkpoints of step(s) {', '.join(map(str, doomed))} (keeping the newest {keep})")
 
 
 # -----------------------------------------------------------------------------
@@ -325,15 +418,10 @@ def find_largest_model(checkpoints_dir):
 
 def find_last_step(checkpoint_dir):
     """The highest step with a complete checkpoint (model file and meta JSON both present)."""
-    steps = []
-    if os.path.isdir(checkpoint_dir):
-        for name in os.listdir(checkpoint_dir):
-            m = re.fullmatch(r"model_(\d+)\.pt", name)
-            if m and os.path.exists(os.path.join(checkpoint_dir, f"meta_{m.group(1)}.json")):
-                steps.append(int(m.group(1)))
+    steps = complete_steps(checkpoint_dir)
     if not steps:
         raise MissingInputError(f"no complete checkpoint in {checkpoint_dir}: {_run_first(checkpoint_dir)}")
-    return max(steps)
+    return steps[-1]
 
 
 def checkpoints_dir_for(source):

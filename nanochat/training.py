@@ -4,6 +4,7 @@ ranks, peak FLOP/s, the attention backend, refused when it would be slow), the m
 the weight update with fp16 loss scaling, the GC policy, device synchronisation and wandb.
 """
 
+import argparse
 import gc
 import math
 import os
@@ -58,6 +59,17 @@ def synchronize(device):
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def add_keep_checkpoints_flag(parser):
+    """--keep-checkpoints N: each save deletes all but the newest N complete checkpoints (-1 keeps every one)."""
+    def count(text):
+        value = int(text)
+        if value == 0 or value < -1:
+            raise argparse.ArgumentTypeError(f"must be -1 (keep all) or at least 1, got {value}")
+        return value
+    parser.add_argument("--keep-checkpoints", type=count, default=-1,
+                        help="keep only the newest N complete checkpoints, deleting older ones after each save (-1 = keep all)")
 
 
 # -----------------------------------------------------------------------------

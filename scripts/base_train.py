@@ -55,7 +55,8 @@ from nanochat.report import get_report
 from nanochat.run_summary import history_before, read_summary, summary_path, write_summary
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
-    ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, WINDOW_PATTERN, build_model, init_runtime, init_wandb, lr_multiplier,
+    ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, WINDOW_PATTERN, add_keep_checkpoints_flag, build_model, init_runtime, init_wandb,
+    lr_multiplier,
     manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights,
 )
 
@@ -110,6 +111,7 @@ def parse_args(argv=None):
     parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
     parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = off)")
     parser.add_argument("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
+    add_keep_checkpoints_flag(parser)
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
     return parse_flags(parser, argv)
 
@@ -346,7 +348,7 @@ def save_training_checkpoint(checkpoint_dir, model, optimizer, loop, loader_stat
                        "wall_time": loop.wall_time},
     }
     save_checkpoint(checkpoint_dir, loop.step, model.state_dict(), optimizer.state_dict(), meta,
-                    rank=runtime.rank, collective=True)
+                    rank=runtime.rank, collective=True, keep=args.keep_checkpoints)
 
 
 def resolve_core_metric_every(args, device_type):

@@ -254,7 +254,7 @@ def load_rl_checkpoint(args, checkpoint_dir, plan, runtime):
     return model, tokenizer, loop
 
 
-def save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime):
+def save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime, keep):
     meta = {
         "step": step,
         "model_config": dict(model.config.__dict__),
@@ -265,7 +265,7 @@ def save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config
                        "pass_at_k": loop.pass_at_k},
     }
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta,
-                    rank=runtime.rank, collective=True)
+                    rank=runtime.rank, collective=True, keep=keep)
     print0(f"Saved model checkpoint to {checkpoint_dir} (step {step})")
 
 
@@ -445,7 +445,8 @@ def main(argv=None):
 
         last_step = step == plan.num_steps - 1
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
-            save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime)
+            save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime,
+                               args.keep_checkpoints)
 
     write_report(user_config, source, plan, loop, runtime.world_size)
     wandb_run.finish()

@@ -229,7 +229,7 @@ def main(argv=None):
             save_resumable_checkpoint(checkpoint_dir, step, model, optimizer, loop, consumed_loader_state, {
                 "val_loss": loop.val_loss, **loop.metrics, "user_config": user_config, "source": args.source,
                 "num_iterations": num_iterations,
-            }, runtime)
+            }, runtime, keep=args.keep_checkpoints)
         if last_step:
             break
 

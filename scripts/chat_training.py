@@ -35,6 +35,7 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import ConfigError, MissingInputError, get_base_dir, print0
 from nanochat.gpt import GPTConfig
+from nanochat.training import add_keep_checkpoints_flag
 from tasks.common import TaskMixture
 from tasks.hub import PROVENANCE_NAME, task_data_dir
 from tasks.spellingbee import WORD_LIST_FILENAME
@@ -72,6 +73,7 @@ def add_checkpoint_flags(parser, save_every=-1):
     parser.add_argument("--save-every", type=int, default=save_every, help="also save every N steps, to resume from (-1 = only at the end)")
     parser.add_argument("--resume-from-step", type=int, default=-1,
                         help="resume this run from its checkpoint at this step (-1 = start fresh)")
+    add_keep_checkpoints_flag(parser)
 
 
 def synchronize_flags(values, runtime):
@@ -216,10 +218,11 @@ def saved_steps(checkpoint_dir):
     return sorted(int(m.group(1)) for name in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", name)))
 
 
-def save_resumable_checkpoint(checkpoint_dir, step, model, optimizer, loop, loader_state, meta, runtime):
+def save_resumable_checkpoint(checkpoint_dir, step, model, optimizer, loop, loader_state, meta, runtime, keep=-1):
     """
     On every rank: weights (rank 0), this rank's optimizer shard, and a meta with the full model
-    config, the loop state (a dataclass), every rank's loader state and the RNG state.
+    config, the loop state (a dataclass), every rank's loader state and the RNG state; then all
+    but the newest `keep` checkpoints go (keep=-1: none).
     """
     loader_states = [loader_state]
     if runtime.ddp:
@@ -228,7 +231,7 @@ def save_resumable_checkpoint(checkpoint_dir, step, model, optimizer, loop, load
     meta = {**meta, "step": step, "model_config": dict(model.config.__dict__), "loop_state": dataclasses.asdict(loop),
             "loader_states": loader_states, "rng_state": rng_state(runtime.device)}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta,
-                    rank=runtime.rank, collective=True)
+                    rank=runtime.rank, collective=True, keep=keep)
 
 
 def check_resume_step(checkpoint_dir, step):

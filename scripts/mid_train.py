@@ -205,7 +205,7 @@ def main(argv=None):
             save_resumable_checkpoint(checkpoint_dir, step, orig_model, optimizer, loop, consumed_loader_state, {
                 "val_bpb": loop.val_bpb, "user_config": user_config, "device_batch_size": args.device_batch_size,
                 "max_seq_len": args.max_seq_len, "total_batch_size": args.total_batch_size,
-            }, runtime)
+            }, runtime, keep=args.keep_checkpoints)
         if last_step:
             break
 

@@ -9,6 +9,7 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     synthetic_documents(n, s)   English-like documents from a tiny grammar: learnable, varied lengths
     child_env(base)             the environment for a script subprocess working in `base`
     kill_once_saved(cmd, env, meta)  a script subprocess SIGKILLed mid-run, right after a save
+    run_in_process(main, name, base, flags, monkeypatch, capsys)  a script's main as `python -m` runs it
     fake_nvidia_smi(dir, ...)   an nvidia-smi in dir that lists GPUs (for PATH), like an old driver's
     LocalHTTPServer(handler)    a real HTTP server on 127.0.0.1 for the download and client tests
     QuietHandler                its request handler base, without the per-request log lines
@@ -127,6 +128,28 @@ def kill_once_saved(cmd, env, meta_path):
     output = "".join(seen)
     assert process.returncode == -signal.SIGKILL, f"the run ended (exit {process.returncode}) before it was killed:\n{output}"
     return output
+
+
+def run_in_process(script_main, name, base, flags, monkeypatch, capsys):
+    """
+    A script's main as `python -m` runs it (through run_script), in this process: for runs that
+    must fail at start, where a fresh interpreter would cost more than the check. Returns
+    (exit code, stdout, stderr); any exception but SystemExit propagates (a traceback).
+    """
+    from nanochat.common import run_script
+
+    for key, value in child_env(base).items():
+        if key.startswith(("NANOCHAT_", "OMP_", "WANDB_")):
+            monkeypatch.setenv(key, value)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    code = 0
+    try:
+        run_script(lambda: script_main(list(flags)), name)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh

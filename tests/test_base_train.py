@@ -7,6 +7,7 @@ Also scripts/base_loss.py on the model trained here: its bpb, report section and
 
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, child_env, kill_once_saved
+from conftest import REPO_ROOT, child_env, kill_once_saved, run_in_process
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
 from scripts.base_train import (
@@ -52,28 +53,6 @@ def run_base_train(base, *flags, nproc=1, timeout=300, env_overrides=None):
         # (~1 in 50 launches here); that says nothing about the code under test: run it again.
         result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return result
-
-
-def run_in_process(script_main, name, base, flags, monkeypatch, capsys):
-    """
-    A script's main as `python -m` runs it (through run_script), in this process: for runs that
-    must fail at start, where a fresh interpreter would cost more than the check. Returns
-    (exit code, stdout, stderr); any exception but SystemExit propagates (a traceback).
-    """
-    from nanochat.common import run_script
-
-    for key, value in child_env(base).items():
-        if key.startswith(("NANOCHAT_", "OMP_", "WANDB_")):
-            monkeypatch.setenv(key, value)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    code = 0
-    try:
-        run_script(lambda: script_main(list(flags)), name)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def parse_losses(output):
@@ -143,7 +122,7 @@ def test_bad_config_fails_at_start_with_a_message(base_dir, flags, message, monk
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 @pytest.mark.parametrize("device_flag, message", [
-    ("--device-type=cuda", "--device-type cuda was requested but CUDA is not available; pass --device-type cpu"),
+    ("--device-type=cuda", "--device-type cuda was requested but torch sees no CUDA device; pass --device-type cpu"),
     ("--device-type=tpu", "--device-type must be cuda, mps or cpu, got 'tpu'"),
 ])
 def test_unavailable_device_fails_at_start_with_a_message(base_dir, device_flag, message, monkeypatch, capsys):
@@ -185,13 +164,15 @@ def test_resume_after_kill_gives_identical_losses(base_dir):
     assert reference.returncode == 0, reference.stderr
     reference_losses = parse_losses(reference.stdout)
 
-    # Second run: SIGKILLed once its step-8 checkpoint is complete.
-    kill_once_saved(["-m", "scripts.base_train", *TINY_FLAGS, *flags, "--model-tag=killed"], child_env(base_dir),
-                    base_dir / "base_checkpoints" / "killed" / "meta_000008.json")
-    assert not (base_dir / "base_checkpoints" / "killed" / "model_000016.pt").exists()
+    # Second run, keeping one checkpoint: SIGKILLed once its step-8 checkpoint is complete.
+    killed_dir = base_dir / "base_checkpoints" / "killed"
+    kill_once_saved(["-m", "scripts.base_train", *TINY_FLAGS, *flags, "--model-tag=killed", "--keep-checkpoints=1"],
+                    child_env(base_dir), killed_dir / "meta_000008.json")
+    assert not (killed_dir / "model_000016.pt").exists()
 
-    resumed = run_base_train(base_dir, *flags, "--model-tag=killed", "--resume-from-step=8")
+    resumed = run_base_train(base_dir, *flags, "--model-tag=killed", "--resume-from-step=8", "--keep-checkpoints=1")
     assert resumed.returncode == 0, resumed.stderr
+    assert sorted(os.listdir(killed_dir)) == ["meta_000016.json", "model_000016.pt", "optim_000016_rank0.pt", "summary.json"]
     resumed_losses = parse_losses(resumed.stdout)
     assert sorted(resumed_losses) == list(range(8, 16))
     for step in range(8, 16):

@@ -135,7 +135,7 @@ def test_chat_sft_killed_after_a_save_resumes_with_identical_losses(sft_run, cha
 
 def test_load_optimizer_warm_starts_the_state_with_this_runs_learning_rates(mid_run, chat_base_dir):
     from nanochat.checkpoint_manager import load_model
-    from scripts.base_train import Runtime
+    from nanochat.training import Runtime
     from scripts.chat_sft import build_optimizer, parse_args
     from scripts.chat_training import warm_start_optimizer
 
