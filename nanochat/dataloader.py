@@ -43,11 +43,10 @@ import itertools
 import logging
 import operator
 
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import get_split_paths, iter_row_groups, read_row_group_texts
+from nanochat.dataset import get_split_paths, iter_row_groups, open_shard, read_row_group_texts
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +173,12 @@ def _read_docs_at(paths, positions, num_threads):
         raise IndexError(f"file index {max(wanted)} but the split has only {len(paths)} files")
 
     def read_file(pq_idx):
-        parquet_file = pq.ParquetFile(paths[pq_idx])
+        parquet_file = open_shard(paths[pq_idx])
         found = {}
         for rg_idx, rows in wanted[pq_idx].items():
             if rg_idx >= parquet_file.num_row_groups:
                 raise IndexError(f"row group {rg_idx} but {paths[pq_idx]} has {parquet_file.num_row_groups}")
-            texts = read_row_group_texts(parquet_file, rg_idx)
+            texts = read_row_group_texts(parquet_file, rg_idx, paths[pq_idx])
             if max(rows) >= len(texts):
                 raise IndexError(f"row {max(rows)} but row group {rg_idx} of {paths[pq_idx]} has {len(texts)}")
             found.update(((pq_idx, rg_idx, row), texts[row]) for row in rows)

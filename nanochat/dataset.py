@@ -20,6 +20,7 @@ Set NANOCHAT_DATA_URL (or --base-url) to download from a mirror. Without interne
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 # requests is imported inside the functions that download: with chardet installed its import
 # costs ~3 s, which every process that reads shards would pay.
-from nanochat.common import MissingInputError, atomic_open, get_base_dir, parse_flags
+from nanochat.common import MissingInputError, UserError, atomic_open, get_base_dir, parse_flags
 
 # -----------------------------------------------------------------------------
 # Where the shards live and how they split
@@ -87,9 +88,32 @@ def get_split_paths(split, data_dir=None):
     return paths
 
 
-def read_row_group_texts(parquet_file, rg_idx):
-    """The texts (a list of str) of one row group of an open pq.ParquetFile."""
-    return parquet_file.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+class DamagedShardError(UserError):
+    """A shard on disk cannot be read (cut short by a full disk or a dropped download, or overwritten)."""
+
+
+@contextlib.contextmanager
+def _damaged_shard_is_one_error(path):
+    try:
+        yield
+    except (pa.ArrowException, OSError, ValueError) as error:  # pyarrow's ways of saying "not parquet any more"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DamagedShardError(
+            f"shard {path} is damaged ({type(error).__name__}: {first_line}): delete it and fetch it again with the "
+            "`python -m nanochat.dataset -n N` you ran before (it downloads only missing shards), or, for the offline "
+            "corpus, rebuild it with `python -m dev.offline_data corpus`") from None
+
+
+def open_shard(path):
+    """The pq.ParquetFile of a shard; a damaged file is a DamagedShardError naming it."""
+    with _damaged_shard_is_one_error(path):
+        return pq.ParquetFile(path)
+
+
+def read_row_group_texts(parquet_file, rg_idx, path="<shard>"):
+    """The texts (a list of str) of one row group of an open shard (path: for the error message)."""
+    with _damaged_shard_is_one_error(path):
+        return parquet_file.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
 
 
 def iter_row_groups(paths, start=0, step=1, first_file=0, first_row_group=None):
@@ -100,10 +124,10 @@ def iter_row_groups(paths, start=0, step=1, first_file=0, first_row_group=None):
     files begin at `start` again); a first row group past the end of its file moves on to the next.
     """
     for pq_idx in range(first_file, len(paths)):
-        parquet_file = pq.ParquetFile(paths[pq_idx])
+        parquet_file = open_shard(paths[pq_idx])
         begin = first_row_group if pq_idx == first_file and first_row_group is not None else start
         for rg_idx in range(begin, parquet_file.num_row_groups, step):
-            yield pq_idx, rg_idx, read_row_group_texts(parquet_file, rg_idx)
+            yield pq_idx, rg_idx, read_row_group_texts(parquet_file, rg_idx, paths[pq_idx])
 
 
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):

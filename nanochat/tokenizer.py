@@ -18,7 +18,7 @@ import os
 import pickle
 from functools import lru_cache
 
-from nanochat.common import MissingInputError, atomic_open, get_base_dir
+from nanochat.common import MissingInputError, UserError, atomic_open, get_base_dir
 
 # The 9 special tokens, in this exact order: their ids follow the mergeable ranks consecutively
 # (32759..32767 for a 32768 vocab), so the order is part of the checkpoint format.
@@ -215,8 +215,15 @@ class RustBPETokenizer(ConversationRendering):
         path = os.path.join(tokenizer_dir, TOKENIZER_PICKLE)
         if not os.path.exists(path):
             raise MissingInputError(f"no tokenizer at {path}; train one with `python -m scripts.tok_train`")
-        with open(path, "rb") as f:
-            enc = pickle.load(f)
+        try:
+            with open(path, "rb") as f:
+                enc = pickle.load(f)
+        except Exception as error:  # a cut or foreign file fails in pickle in many ways
+            raise DamagedTokenizerError(path, error) from None
+        import tiktoken
+
+        if not isinstance(enc, tiktoken.Encoding):
+            raise DamagedTokenizerError(path, TypeError(f"it holds a {type(enc).__name__}, not a tiktoken Encoding"))
         return cls(enc, "<|bos|>")
 
     @classmethod
@@ -434,6 +441,16 @@ class IncrementalDecoder:
 # Helpers for the rest of the pipeline
 
 
+class DamagedTokenizerError(UserError):
+    """tokenizer.pkl or token_bytes.pt cannot be read."""
+
+    def __init__(self, path, error):
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        super().__init__(f"tokenizer file {path} is damaged ({type(error).__name__}: {first_line}): rebuild it with "
+                         "`python -m scripts.tok_train` (models trained with the old tokenizer need that exact file: "
+                         "restore it from a copy instead)")
+
+
 def get_tokenizer():
     """The tokenizer trained by tok_train, from $NANOCHAT_BASE_DIR/tokenizer."""
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), TOKENIZER_DIRNAME))
@@ -460,5 +477,8 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), TOKENIZER_DIRNAME, TOKEN_BYTES_FILE)
     if not os.path.exists(path):
         raise MissingInputError(f"no token_bytes at {path}; it is written by tok_train: run `python -m scripts.tok_train`")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=device)
+    except Exception as error:  # truncated zip, bad pickle, ...
+        raise DamagedTokenizerError(path, error) from None

@@ -76,7 +76,7 @@ def add_keep_checkpoints_flag(parser):
 # wandb
 
 
-def wandb_login_problem(run_name, environ=os.environ, netrc_path=None):
+def wandb_login_problem(run_name, environ=os.environ):
     """
     Why wandb.init would fail for --run=run_name, or None. wandb reads its key from WANDB_API_KEY or
     the netrc file `wandb login` writes; WANDB_MODE=offline/disabled needs none.
@@ -86,7 +86,8 @@ def wandb_login_problem(run_name, environ=os.environ, netrc_path=None):
     if environ.get("WANDB_API_KEY"):
         return None
     host = environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
-    netrc_path = netrc_path or environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    netrc_path = environ.get("NETRC") or os.path.join(home, ".netrc")
     try:
         import netrc
         if netrc.netrc(netrc_path).authenticators(host):
