@@ -192,6 +192,21 @@ def _state_shapes(kind, param_shape, num_params, world_size):
             "second_momentum_buffer": (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)}
 
 
+def _state_specs(group, p, world_size):
+    """{state name: (shape on one rank of world_size, dtype)} of p, a state holder of group."""
+    shapes = _state_shapes(group["kind"], p.shape, len(group["params"]), world_size)
+    # Muon's momentum is kept in the param dtype, every other moment in fp32
+    return {name: (shape, p.dtype if name == "momentum_buffer" else torch.float32) for name, shape in shapes.items()}
+
+
+def state_nbytes(param_groups, world_size):
+    """Bytes of optimizer state that world_size ranks hold together: what their checkpoint shards store (padding included)."""
+    per_rank = sum(math.prod(shape) * dtype.itemsize
+                   for group in param_groups for p in _state_holders(group)
+                   for shape, dtype in _state_specs(group, p, world_size).values())
+    return per_rank * world_size
+
+
 def _state_holders(group):
     """The params (or param indices) of a group that keep state: each AdamW param, a muon group's first."""
     return group["params"] if group["kind"] == "adamw" else group["params"][:1]
@@ -295,10 +310,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _state_specs(self, group, p):
         """{state name: (shape on this rank, dtype)} of p, a state holder of group: what is created and loaded."""
-        shapes = _state_shapes(group["kind"], p.shape, len(group["params"]), self.world_size)
-        # Muon's momentum is kept in the param dtype, every other moment in fp32
-        return {name: (shape, p.dtype if name == "momentum_buffer" else torch.float32)
-                for name, shape in shapes.items()}
+        return _state_specs(group, p, self.world_size)
 
     def _zero_state(self, group, p):
         return {name: torch.zeros(shape, dtype=dtype, device=p.device)
