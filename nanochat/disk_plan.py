@@ -92,9 +92,9 @@ class PhasePlan:
         return None if self.end_count is None else self.end_count * self.size.total
 
 
-def plan_checkpoints(config, world_size, keep, phases, saves=None):
+def plan_checkpoints(config, world_size, keep, phases, saves=None, embedding_dtype=torch.bfloat16):
     """A PhasePlan per phase (saves: {phase: number of saves}, where known) and the checkpoint peak over the run."""
-    size = checkpoint_size(config, world_size)
+    size = checkpoint_size(config, world_size, embedding_dtype)
     plans = []
     for name in phases:
         peak_count, end_count = checkpoints_held(keep, (saves or {}).get(name))
@@ -145,11 +145,12 @@ class RunPlan:
 
 
 def plan_run(depth, world_size, keep, phases, data_shards, base_dir=None, saves=None,
-             vocab_size=DEFAULT_VOCAB_SIZE, model_tag=None):
+             vocab_size=DEFAULT_VOCAB_SIZE, model_tag=None, on_gpu=True):
     """The disk plan of a pipeline run over `phases` (base, mid, sft, rl) of a d<depth> model."""
     base_dir = base_dir or get_base_dir()
     config, _ = model_config_for_depth(depth, vocab_size)
-    plans, peak = plan_checkpoints(config, world_size, keep, phases, saves)
+    embedding_dtype = torch.bfloat16 if on_gpu else torch.float32  # the compute dtype of a GPU / CPU run
+    plans, peak = plan_checkpoints(config, world_size, keep, phases, saves, embedding_dtype)
     data = missing_shards(data_shards, os.path.join(base_dir, "base_data")) * SHARD_BYTES if data_shards > 0 else 0
     other = 0 if os.path.isdir(os.path.join(base_dir, "eval_bundle")) else EVAL_BUNDLE_BYTES
     other += 0 if os.path.isdir(os.path.join(base_dir, "task_data")) else TASK_DATA_BYTES
