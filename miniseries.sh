@@ -42,7 +42,7 @@ WANDB_RUN="${WANDB_RUN:-${SERIES_NAME}_miniseries}"
 RESULTS_DIR="$NANOCHAT_BASE_DIR/${SERIES_NAME}_miniseries_results"
 RESULTS_FILE="$RESULTS_DIR/results.csv"
 
-series_setup
+series_setup "${DEPTH_LIST[@]}"
 series_csv_init "$RESULTS_FILE" miniseries
 echo "Miniseries $SERIES_NAME: depths ${DEPTH_LIST[*]}, $NPROC_PER_NODE process(es) per run, results in $RESULTS_FILE"
 

@@ -43,7 +43,10 @@ WANDB_RUN="${WANDB_RUN:-scaling_${LABEL}}"
 RESULTS_DIR="$NANOCHAT_BASE_DIR/scaling_laws_results_${LABEL}"
 RESULTS_FILE="$RESULTS_DIR/results.csv"
 
-series_setup
+# every (budget, depth) run leaves its checkpoint: plan the disk for all of them
+SERIES_RUNS=()
+for _ in "${BUDGET_LIST[@]}"; do SERIES_RUNS+=("${DEPTH_LIST[@]}"); done
+series_setup "${SERIES_RUNS[@]}"
 series_csv_init "$RESULTS_FILE" scaling_laws
 echo "Scaling laws $LABEL: budgets ${BUDGET_LIST[*]} x depths ${DEPTH_LIST[*]}, results in $RESULTS_FILE"
 

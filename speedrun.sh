@@ -8,12 +8,15 @@
 #
 # Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat: data, checkpoints, report),
 # NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default dummy = no wandb), RUN_RL=1 (also run
-# RL on GSM8K and its eval), SKIP_INSTALL=1 (.venv is set up already), PHASE_DRY_RUN=1 (print
-# what would run, run nothing).
+# RL on GSM8K and its eval), SKIP_INSTALL=1 (.venv is set up already), SKIP_PREFLIGHT=1 (do not
+# check the node first), PHASE_DRY_RUN=1 (print what would run and the disk it needs, run nothing).
 #
+# First the preflight (python -m scripts.preflight): it stops the run within a minute, before any
+# download, when the GPUs, the attention kernel, the disk or the wandb login would sink it.
+# Disk: each phase keeps only its newest checkpoint (a d20 one is ~8.5 GB with the optimizer
+# state), so the checkpoints of the whole run never hold more than ~34 GB; the shards take ~37 GB.
 # Safe to re-run after a crash or a lost node: a phase whose report section (and checkpoint)
-# exist is skipped; a training phase cut short resumes from its last checkpoint (they save every
-# few thousand steps; d20 checkpoints take ~7 GB each with the optimizer state). Nothing is redone
+# exist is skipped; a training phase cut short resumes from its last checkpoint. Nothing is redone
 # from scratch. To start a new run, point NANOCHAT_BASE_DIR elsewhere or delete its report/ and
 # *_checkpoints/ directories. The skip/resume rules are in dev/phase_lib.sh.
 set -euo pipefail
@@ -24,20 +27,29 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
-MODEL_TAG=d20
+DEPTH=20
+MODEL_TAG=d$DEPTH
+DATA_SHARDS=370
+KEEP=1  # checkpoints each training phase keeps (the newest); older ones go once a newer one is complete
+PHASES=base,mid,sft
+[ "${RUN_RL:-0}" = 1 ] && PHASES=$PHASES,rl
 TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC_PER_NODE" -m)
 # shellcheck source=dev/phase_lib.sh
 source dev/phase_lib.sh
 
-# Install, then start the report card (a re-run keeps the sections of the phases already done).
+# Install, check the node (or, under PHASE_DRY_RUN=1, print the disk plan), then start the report
+# card (a re-run keeps the sections of the phases already done).
 pipeline_setup
+pipeline_preflight --device-type=cuda --nproc="$NPROC_PER_NODE" --depth="$DEPTH" --keep-checkpoints="$KEEP" \
+    --phases="$PHASES" --data-shards="$DATA_SHARDS" --run="$WANDB_RUN"
+pipeline_report_start
 
 # ~2B characters for the tokenizer: 8 shards of ~250M chars (plus the pinned val shard).
 # Shards already on disk are not downloaded again.
 phase_exec python -m nanochat.dataset -n 8
 # d20 has ~435M scaling params; at 20 tokens/param that is 8.7B tokens * ~4.8 chars/token
-# = ~42B chars = ~170 shards; best-fit packing crops ~35% of tokens, so 370 leaves headroom.
-phase_exec python -m nanochat.dataset -n 370 &
+# = ~42B chars = ~170 shards; best-fit packing crops ~35% of tokens, so DATA_SHARDS=370 leaves headroom.
+phase_exec python -m nanochat.dataset -n "$DATA_SHARDS" &
 DATASET_DOWNLOAD_PID=$!
 
 run_phase tok_train tokenizer-training "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" -- python -m scripts.tok_train
@@ -48,7 +60,8 @@ wait "$DATASET_DOWNLOAD_PID"
 
 # Pretraining: ~16.6K steps; a checkpoint every 2000 steps bounds what a crash can cost.
 run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" -- \
-    "${TORCHRUN[@]}" scripts.base_train -- --depth=20 --target-param-data-ratio=20 --save-every=2000 --run="$WANDB_RUN"
+    "${TORCHRUN[@]}" scripts.base_train -- --depth="$DEPTH" --target-param-data-ratio=20 --save-every=2000 \
+    --keep-checkpoints="$KEEP" --run="$WANDB_RUN"
 run_phase base_loss base-model-loss - -- "${TORCHRUN[@]}" scripts.base_loss
 run_phase base_eval base-model-evaluation - -- "${TORCHRUN[@]}" scripts.base_eval
 
@@ -56,16 +69,16 @@ run_phase base_eval base-model-evaluation - -- "${TORCHRUN[@]}" scripts.base_eva
 pipeline_identity_file
 
 run_phase mid_train midtraining "$NANOCHAT_BASE_DIR/mid_checkpoints/$MODEL_TAG" -- \
-    "${TORCHRUN[@]}" scripts.mid_train -- --save-every=200 --run="$WANDB_RUN"
+    "${TORCHRUN[@]}" scripts.mid_train -- --save-every=200 --keep-checkpoints="$KEEP" --run="$WANDB_RUN"
 run_phase chat_eval_mid chat-evaluation-mid - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i mid
 
 run_phase chat_sft chat-sft "$NANOCHAT_BASE_DIR/chatsft_checkpoints/$MODEL_TAG" -- \
-    "${TORCHRUN[@]}" scripts.chat_sft -- --save-every=200 --run="$WANDB_RUN"
+    "${TORCHRUN[@]}" scripts.chat_sft -- --save-every=200 --keep-checkpoints="$KEEP" --run="$WANDB_RUN"
 run_phase chat_eval_sft chat-evaluation-sft - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i sft
 
 if [ "${RUN_RL:-0}" = 1 ]; then
     run_phase chat_rl chat-rl "$NANOCHAT_BASE_DIR/chatrl_checkpoints/$MODEL_TAG" -- \
-        "${TORCHRUN[@]}" scripts.chat_rl -- --save-every=60 --run="$WANDB_RUN"
+        "${TORCHRUN[@]}" scripts.chat_rl -- --save-every=60 --keep-checkpoints="$KEEP" --run="$WANDB_RUN"
     run_phase chat_eval_rl chat-evaluation-rl - -- "${TORCHRUN[@]}" scripts.chat_eval -- -i rl -a GSM8K
 fi
 

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Skip-or-resume for the pipeline scripts (speedrun.sh, dev/runcpu.sh), and their shared start
-# (pipeline_setup), identity download (pipeline_identity_file) and end (pipeline_report): sourced, not run.
+# (pipeline_setup, pipeline_preflight, pipeline_report_start), identity download
+# (pipeline_identity_file) and end (pipeline_report): sourced, not run.
 #
 #   source dev/phase_lib.sh
 #   run_phase "base_train" base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/d20" -- \
@@ -82,14 +83,42 @@ run_phase() {
     phase_timed "$name" "$@"
 }
 
-# The start of a pipeline: install (unless SKIP_INSTALL=1), activate .venv, then begin the report
-# card, or continue it when this is a re-run (the sections of the phases already done are kept).
+# The start of a pipeline: install (unless SKIP_INSTALL=1 or PHASE_DRY_RUN=1) and activate .venv.
 pipeline_setup() {
-    if [ "${PHASE_DRY_RUN:-0}" != 1 ]; then
-        [ "${SKIP_INSTALL:-0}" = 1 ] || bash dev/install.sh
+    if [ "${PHASE_DRY_RUN:-0}" != 1 ] && [ "${SKIP_INSTALL:-0}" != 1 ]; then
+        bash dev/install.sh
+    fi
+    if [ -f .venv/bin/activate ]; then
         # shellcheck source=/dev/null
         source .venv/bin/activate
     fi
+}
+
+# pipeline_preflight FLAGS...: python -m scripts.preflight with the run's plan; its STOP lines end the
+# pipeline before anything is downloaded (SKIP_PREFLIGHT=1 skips it). Under PHASE_DRY_RUN=1 it
+# prints the run's disk plan instead, phase by phase. FLAGS are the preflight's; the disk plan
+# takes the ones they share.
+pipeline_preflight() {
+    if [ "${PHASE_DRY_RUN:-0}" = 1 ]; then
+        local flag plan_flags=()
+        for flag in "$@"; do
+            case $flag in --nproc=* | --depth=* | --keep-checkpoints=* | --phases=* | --data-shards=*) plan_flags+=("$flag") ;; esac
+        done
+        python -m nanochat.disk_plan "${plan_flags[@]}"
+        phase_log "would run: python -m scripts.preflight $*"
+        return 0
+    fi
+    [ "${SKIP_PREFLIGHT:-0}" = 1 ] && { phase_log "preflight: skipped (SKIP_PREFLIGHT=1)"; return 0; }
+    python -m scripts.preflight "$@" || {
+        phase_log "preflight: stopped the run before it spent the node's time (see the STOP lines above;" \
+                  "SKIP_PREFLIGHT=1 runs anyway)"
+        return 1
+    }
+}
+
+# Begin the report card, or continue it when this is a re-run (the sections of the phases already
+# done are kept).
+pipeline_report_start() {
     if [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
         phase_log "report: continuing the run recorded in $NANOCHAT_BASE_DIR/report"
     else

@@ -7,7 +7,7 @@
 #   bash dev/run_tests.sh tests/test_gpt.py -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash dev/install.sh
+bash dev/install.sh --dev
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 # The suite starts ~100 Python processes; without cached bytecode each one recompiles torch's
 # sources (import torch: 4.4 s instead of 2.2 s here). Keep the cache inside .venv, out of the tree.

@@ -30,6 +30,7 @@ MODEL_TAG="d$DEPTH"
 source dev/phase_lib.sh
 
 pipeline_setup
+pipeline_report_start
 
 # Data: FineWeb-Edu shards when the hub answers; otherwise the offline corpus (public-domain text
 # that package registries ship), and offline copies of the task data, the CORE tasks and the

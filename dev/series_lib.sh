@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # What miniseries.sh and scaling_laws.sh share: sourced, not run.
-#   series_setup               install + data + tokenizer, or (SKIP_SETUP=1) just the venv
+#   series_setup DEPTH...      install, the node check (preflight), data + tokenizer; SKIP_SETUP=1:
+#                              only the venv and the check
 #   series_train ARGS...       scripts.base_train on NPROC_PER_NODE processes
 #   series_settings            the shared settings (TINY=1: CPU-sized defaults and TINY_ARGS)
 #   series_csv_init CSV KIND   the CSV with its header, unless it exists
@@ -8,21 +9,30 @@
 # series_settings comes first: the others read what it sets.
 
 series_setup() {
-    if [ "${SKIP_SETUP:-0}" = 1 ]; then
-        if [ -f .venv/bin/activate ]; then
-            # shellcheck source=/dev/null
-            source .venv/bin/activate
-        fi
-        return
+    [ "${SKIP_SETUP:-0}" = 1 ] || bash dev/install.sh
+    if [ -f .venv/bin/activate ]; then
+        # shellcheck source=/dev/null
+        source .venv/bin/activate
     fi
-    bash dev/install.sh
-    # shellcheck source=/dev/null
-    source .venv/bin/activate
+    series_preflight "$@"
+    [ "${SKIP_SETUP:-0}" = 1 ] && return
     # ~250B characters: enough data for the largest depth of a series (shards on disk are kept).
-    python -m nanochat.dataset -n 1000
+    python -m nanochat.dataset -n "$SERIES_DATA_SHARDS"
     if [ ! -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ]; then
         python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
     fi
+}
+
+# The node check before a GPU series downloads or trains anything (python -m scripts.preflight),
+# with the disk of one checkpoint per run of DEPTHS (TINY=1 and SKIP_PREFLIGHT=1 skip it).
+series_preflight() {
+    { [ "$TINY" = 1 ] || [ "${SKIP_PREFLIGHT:-0}" = 1 ]; } && return 0
+    local depths shards=0
+    depths=$(IFS=,; echo "$*")
+    [ "${SKIP_SETUP:-0}" = 1 ] || shards=$SERIES_DATA_SHARDS
+    python -m scripts.preflight --device-type=cuda --nproc="$NPROC_PER_NODE" --series-depths="$depths" \
+        --data-shards="$shards" --run="${WANDB_RUN:-dummy}" \
+        || { echo "preflight: stopped the series before it spent the node's time (SKIP_PREFLIGHT=1 runs anyway)"; return 1; }
 }
 
 # One process runs plainly; more go through torchrun (a single node).
@@ -57,6 +67,7 @@ series_settings() {
             TINY_ARGS=()
         fi
         CORE_METRIC_EVERY="${CORE_METRIC_EVERY:-999999}"  # larger than any horizon: CORE at the last step only
+        SERIES_DATA_SHARDS=1000
         read -ra EXTRA_ARGS <<<"${TRAIN_ARGS:-}"
     }
 }

@@ -158,6 +158,20 @@ def plan_run(depth, world_size, keep, phases, data_shards, base_dir=None, saves=
     return RunPlan(plans, peak, int(data), int(other), already)
 
 
+def plan_series(depths, world_size, data_shards, base_dir=None, vocab_size=DEFAULT_VOCAB_SIZE, on_gpu=True):
+    """The disk plan of a series of base runs (miniseries.sh, scaling_laws.sh): each depth leaves one checkpoint."""
+    base_dir = base_dir or get_base_dir()
+    embedding_dtype = torch.bfloat16 if on_gpu else torch.float32
+    plans = []
+    for depth in depths:
+        config, _ = model_config_for_depth(depth, vocab_size)
+        plans.append(PhasePlan(f"d{depth}", checkpoint_size(config, world_size, embedding_dtype), 1, 1))
+    peak = sum(plan.end for plan in plans)
+    data = missing_shards(data_shards, os.path.join(base_dir, "base_data")) * SHARD_BYTES if data_shards > 0 else 0
+    other = 0 if os.path.isdir(os.path.join(base_dir, "eval_bundle")) else EVAL_BUNDLE_BYTES
+    return RunPlan(plans, peak, int(data), int(other), 0)
+
+
 def gb(num_bytes):
     return "unbounded" if num_bytes is None else f"{num_bytes / GB:.1f} GB"
 
@@ -167,6 +181,9 @@ def describe(plan, keep):
     lines = []
     for phase in plan.phases:
         held = "every checkpoint" if keep < 0 else f"the newest {keep}"
+        if phase.name.startswith("d"):  # one run of a series: its final checkpoint stays
+            lines.append(f"{phase.name}: one checkpoint of {gb(phase.size.total)}")
+            continue
         lines.append(f"{phase.name}: checkpoint {gb(phase.size.total)} (weights {gb(phase.size.model)}, optimizer "
                      f"{gb(phase.size.optimizer)}); keeps {held}: up to {gb(phase.peak)} while saving, "
                      f"{gb(phase.end)} left after it")
@@ -187,7 +204,13 @@ def main(argv=None):
     parser.add_argument("--data-shards", type=int, default=0, help="train shards the run downloads (0 = none)")
     parser.add_argument("--base-saves", type=int, default=None, help="checkpoints base_train writes (for --keep-checkpoints=-1)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
+    parser.add_argument("--series-depths", type=str, default="", help="a series of base runs instead, one checkpoint each: 12,14,16")
     args = parse_flags(parser, argv)
+    if args.series_depths:
+        plan = plan_series([int(d) for d in args.series_depths.split(",")], args.nproc, args.data_shards)
+        for line in describe(plan, -1):
+            print(f"[disk] {line}")
+        return
     phases = [p for p in args.phases.split(",") if p]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:

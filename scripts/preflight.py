@@ -46,6 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--phases", type=str, default="base,mid,sft", help="training phases the run saves")
     parser.add_argument("--data-shards", type=int, default=370, help="train shards the run downloads")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
+    parser.add_argument("--series-depths", type=str, default="",
+                        help="plan the disk for a series of base runs instead (miniseries, scaling laws): 12,14,16")
     parser.add_argument("--run", type=str, default=os.environ.get("WANDB_RUN", "dummy"), help="wandb run name (env WANDB_RUN)")
     parser.add_argument("--skip-bench", action="store_true", help="skip the matmul and all-reduce measurement")
     return parse_flags(parser, argv)
@@ -271,9 +273,13 @@ def main(argv=None):
             checks.append(report(Check(f"matmul / all-reduce: failed ({first_line})",
                                        f"the {nproc}-process matmul and all-reduce test failed: {first_line}")))
     checks.append(report(check_attention(device_type, flash_attention.attention_backend())))
-    phases = [p for p in args.phases.split(",") if p]
-    plan = disk_plan.plan_run(args.depth, nproc, args.keep_checkpoints, phases, args.data_shards, base_dir=base_dir,
-                              model_tag=args.model_tag, on_gpu=device_type == "cuda")
+    if args.series_depths:
+        plan = disk_plan.plan_series([int(d) for d in args.series_depths.split(",")], nproc, args.data_shards,
+                                     base_dir=base_dir, on_gpu=device_type == "cuda")
+    else:
+        plan = disk_plan.plan_run(args.depth, nproc, args.keep_checkpoints, [p for p in args.phases.split(",") if p],
+                                  args.data_shards, base_dir=base_dir, model_tag=args.model_tag,
+                                  on_gpu=device_type == "cuda")
     checks.append(report(check_disk(base_dir, shutil.disk_usage(base_dir).free, plan)))
     data_url = os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
     checks.append(report(check_hub(data_url, unreachable_reason(data_url, timeout=5))))

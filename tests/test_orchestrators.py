@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, child_env, free_port
+from conftest import REPO_ROOT, child_env, fake_nvidia_smi, free_port
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.run_summary import CSV_COLUMNS, history_before
 
@@ -343,12 +343,38 @@ def test_speedrun_rerun_plan_skips_done_phases_and_resumes_the_cut_one(tmp_path)
     assert "[phase] tok_train: done (report section tokenizer-training exists); skipping" in lines
     assert "[phase] base_train: resuming from its last checkpoint, step 4000" in lines
     assert ("[phase] would run: torchrun --standalone --nproc_per_node=4 -m scripts.base_train -- --depth=20 "
-            "--target-param-data-ratio=20 --save-every=2000 --run=w --resume-from-step=4000") in lines
+            "--target-param-data-ratio=20 --save-every=2000 --keep-checkpoints=1 --run=w --resume-from-step=4000") in lines
     ran = [line.split("-m ", 1)[1].split(" ")[0] for line in lines if line.startswith("[phase] would run: torchrun")]
     assert ran == ["scripts.base_train", "scripts.base_loss", "scripts.base_eval", "scripts.mid_train",
                    "scripts.chat_eval", "scripts.chat_sft", "scripts.chat_eval"]
     assert not any("report reset" in line for line in lines)  # the run's report is kept
     assert lines[-1] == "[phase] would run: python -m nanochat.report generate"
+    # the disk plan, phase by phase, comes before anything is downloaded; then the node check
+    disk = [line for line in lines if line.startswith("[disk] ")]
+    assert [line.split(":")[0] for line in disk[:3]] == ["[disk] base", "[disk] mid", "[disk] sft"]
+    assert "keeps the newest 1" in disk[0]
+    peak = float(next(line for line in disk if "at their peak" in line).split(": ")[1].split(" GB")[0])
+    assert peak < 40  # a d20 speedrun never holds more than 40 GB of checkpoints
+    preflight = lines.index("[phase] would run: python -m scripts.preflight --device-type=cuda --nproc=4 --depth=20 "
+                            "--keep-checkpoints=1 --phases=base,mid,sft --data-shards=370 --run=w")
+    assert preflight < min(i for i, line in enumerate(lines) if "nanochat.dataset" in line)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine whose torch has no CUDA")
+def test_speedrun_stops_at_the_preflight_when_torch_cannot_use_the_gpus(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_nvidia_smi(bin_dir)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), SKIP_INSTALL="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run(["bash", "speedrun.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    stops = [line for line in result.stdout.splitlines() if line.startswith("[preflight] STOP: ")]
+    assert any("nvidia-smi lists 8 GPU(s)" in line and "driver 535.104.05" in line for line in stops), result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list((tmp_path / "base").glob("base_data/*.parquet")) and not (tmp_path / "base" / "tokenizer").exists()
+    assert not (tmp_path / "base" / "report").exists()  # stopped before the run began
 
 
 # -----------------------------------------------------------------------------
