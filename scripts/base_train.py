@@ -404,6 +404,7 @@ def build_run_summary(args, model, plan, loop, history, runtime, mfu, peak_memor
         "target_flops": args.target_flops if args.target_flops > 0 else None,
         "world_size": runtime.world_size,
         "device_type": runtime.device_type,
+        "attention": runtime.attention,
         "last_step": loop.step,
         "val_bpb": loop.val_bpb,  # the latest evaluation: the last step's once completed
         "min_val_bpb": loop.min_val_bpb,
@@ -538,9 +539,10 @@ def main(argv=None):
         steps_timed = max(step - 10, 1)
         eta = f"{(loop.total_training_time / steps_timed) * (num_iterations - step) / 60:.1f}m" if step > 10 else "n/a"
         epoch = next_loader_state["epoch"]
+        attention = f" | attention: {runtime.attention}" if step == first_step else ""  # which kernel this run got
         print0(f"step {step:05d}/{num_iterations:05d} ({pct_done:.2f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.2f} | epoch: {epoch} | "
-               f"total time: {loop.total_training_time / 60:.2f}m | eta: {eta}")
+               f"total time: {loop.total_training_time / 60:.2f}m | eta: {eta}{attention}")
         history["train_loss"].append({"step": step, "loss": round(debiased_loss, 6)})
         if step % 100 == 0:
             wandb_run.log({"step": step, "total_training_flops": flops_so_far, "total_training_time": loop.total_training_time,
@@ -555,7 +557,7 @@ def main(argv=None):
     print0(f"Total training time: {loop.total_training_time / 60:.2f}m")
     if loop.min_val_bpb != float("inf"):  # some evaluation ran
         print0(f"Minimum validation bpb: {loop.min_val_bpb:.6f}")
-    write_report(user_config, orig_model, plan, loop, mfu, peak_memory_mib, runtime.world_size, args, core_label)
+    write_report(user_config, orig_model, plan, loop, mfu, peak_memory_mib, runtime, args, core_label)
     if master_process:
         loop.wall_time = wall_time_before + time.time() - process_start
         write_summary(checkpoint_dir, build_run_summary(args, orig_model, plan, loop, history, runtime, mfu, peak_memory_mib,
@@ -564,7 +566,7 @@ def main(argv=None):
     compute_cleanup()
 
 
-def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_size, args, core_label):
+def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, runtime, args, core_label):
     total_flops = plan.flops_per_token * plan.total_tokens
     get_report().log(section="Base model training", data=[
         user_config,
@@ -574,7 +576,8 @@ def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, world_siz
             "Calculated number of iterations": plan.num_iterations,
             "Number of training tokens": plan.total_tokens,
             "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
-            "DDP world size": world_size,
+            "DDP world size": runtime.world_size,
+            "Attention": runtime.attention,
             "warmup_ratio": args.warmup_ratio,
             "warmdown_ratio": args.warmdown_ratio,
             "final_lr_frac": args.final_lr_frac,

@@ -144,6 +144,8 @@ def test_single_step_run_without_evaluation_still_saves_the_last_step(base_dir):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Calculated number of iterations from target data:param ratio: 1\n" in result.stdout
     assert sorted(parse_losses(result.stdout)) == [0]
+    assert "Attention: sdpa (no CUDA device)\n" in result.stdout  # the backend, at start and on the first step line
+    assert next(line for line in result.stdout.splitlines() if line.startswith("step 00000")).endswith("| attention: sdpa")
     assert "Validation bpb" not in result.stdout and "Minimum validation bpb" not in result.stdout
     meta = json.loads((base_dir / "base_checkpoints" / "one_step" / "meta_000001.json").read_text())
     assert meta["step"] == 1 and meta["val_bpb"] is None
