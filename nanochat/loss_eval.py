@@ -12,6 +12,17 @@ import math
 import torch
 import torch.distributed as dist
 
+# What base_train and base_loss complete, greedily, to show what a base model knows.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):

@@ -43,7 +43,7 @@ def parse_args(argv=None):
 def load_evaluated_model(args, device):
     """(model, tokenizer, model_name, model_slug)."""
     if args.hf_path:
-        from scripts.base_loss import load_hf
+        from nanochat.hf_model import load_hf
 
         model, tokenizer, _, _ = load_hf(args.hf_path, device)
         # a hub id names its table (openai-community-gpt2.csv); a local directory by its own name

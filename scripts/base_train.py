@@ -50,7 +50,7 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb
 from nanochat.report import get_report
 from nanochat.run_summary import history_before, read_summary, summary_path, write_summary
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -60,15 +60,6 @@ from nanochat.training import (
     manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights,
 )
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 REFERENCE_BATCH_SIZE = 2**19  # tokens per step at which the learning rates were tuned (d12)
 CUDA_CORE_METRIC_EVERY = 2000  # upstream's default cadence; on CPU/MPS a CORE evaluation takes too long to be on by default
 

@@ -24,20 +24,16 @@ Writes the "Chat evaluation <source>" section of the report.
 """
 
 import argparse
-import hashlib
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from nanochat.common import (
-    COMPUTE_DTYPE, ConfigError, autodetect_device_type, compute_cleanup, compute_init, get_base_dir, get_dist_info,
+    COMPUTE_DTYPE, ConfigError, autodetect_device_type, compute_cleanup, compute_init, get_dist_info,
     parse_flags, print0, run_script,
 )
 from nanochat.engine import Engine
@@ -46,8 +42,8 @@ from scripts.chat_cli import load_chat_model
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
-from tasks.hub import PROVENANCE_NAME, task_data_dir
 from tasks.mmlu import MMLU
+from tasks.provenance import data_source
 from tasks.spellingbee import WORD_LIST_FILENAME, SpellingBee
 
 # The evaluation tasks, by the names -a takes.
@@ -72,9 +68,6 @@ TASK_DATA = {
     "GSM8K": ("openai/gsm8k", "main", "test"),
     "SpellingBee": WORD_LIST_FILENAME,
 }
-# The summary `python -m dev.offline_data tasks` writes into task_data/: it records the word
-# list it wrote (with its sha256), since a plain text file has no provenance.json beside it.
-OFFLINE_SUMMARY_NAME = "offline_tasks.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -271,44 +264,6 @@ def chatcore_metric(results):
 # Where the data came from
 
 
-@dataclass
-class DataSource:
-    kind: str  # "offline copy" (the real rows, rebuilt offline) or "offline substitute" (something else stands in)
-    description: str
-
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_source(task_name):
-    """None for the hub's own data; a DataSource when the task reads what the offline builder wrote."""
-    location = TASK_DATA.get(task_name)
-    if isinstance(location, tuple):
-        path = os.path.join(task_data_dir(*location), PROVENANCE_NAME)
-        if not os.path.exists(path):
-            return None  # a hub download
-        with open(path, encoding="utf-8") as f:
-            provenance = json.load(f)
-        if provenance.get("substitute"):
-            return DataSource("offline substitute", provenance["substitute"])
-        return DataSource("offline copy", f"the hub's rows rebuilt offline from {provenance.get('source', 'a registry package')}")
-    if location == WORD_LIST_FILENAME:
-        summary_path = os.path.join(get_base_dir(), "task_data", OFFLINE_SUMMARY_NAME)
-        words_path = os.path.join(get_base_dir(), WORD_LIST_FILENAME)
-        if not (os.path.exists(summary_path) and os.path.exists(words_path)):
-            return None
-        with open(summary_path, encoding="utf-8") as f:
-            written = json.load(f).get("outputs", {}).get(WORD_LIST_FILENAME)
-        if isinstance(written, dict) and written.get("sha256") == _file_sha256(words_path):
-            return DataSource("offline substitute", written.get("substitute") or "the offline builder's word list")
-    return None
-
-
 # -----------------------------------------------------------------------------
 # The run
 
@@ -360,7 +315,7 @@ def main(argv=None):
 
     # Load every task first, so missing data stops the run before any evaluation time is spent.
     task_objects = {name: TASKS[name]() for name in task_names}
-    sources = {name: data_source(name) for name in task_names}
+    sources = {name: data_source(TASK_DATA[name]) for name in task_names}
     results, sizes = {}, {}
     for name, task_object in task_objects.items():
         sizes[name] = len(task_object)

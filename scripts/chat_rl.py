@@ -70,7 +70,7 @@ from scripts.chat_training import (
     phase_parser,
 )
 from tasks.gsm8k import GSM8K
-from tasks.hub import PROVENANCE_NAME, task_data_dir
+from tasks.provenance import data_source
 
 SOURCES = ("mid", "sft")  # phases whose model RL can start from
 EVAL_SEED = 42  # every test problem is sampled with the same seed (the Engine's default), as upstream
@@ -194,15 +194,6 @@ def resolve_source(args):
     with open(meta_path(checkpoint_dir, step), encoding="utf-8") as f:
         meta = json.load(f)
     return Source(args.source, checkpoint_dir, step, meta)
-
-
-def offline_substitute(split):
-    """What stands in for GSM8K main/<split> when the offline builder wrote it, else None."""
-    path = os.path.join(task_data_dir("openai/gsm8k", "main", split), PROVENANCE_NAME)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("substitute")
 
 
 @dataclass
@@ -455,8 +446,8 @@ def main(argv=None):
 
 def write_report(user_config, source, plan, loop, world_size):
     def labelled(split):
-        substitute = offline_substitute(split)
-        return f" (offline substitute: {substitute})" if substitute else ""
+        source = data_source(("openai/gsm8k", "main", split))
+        return f" (offline substitute: {source.substitute})" if source and source.substitute else ""
 
     get_report().log(section="Chat RL", data=[
         user_config,

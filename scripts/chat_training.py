@@ -19,7 +19,6 @@ nanochat.training.init_runtime.
 import argparse
 import base64
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,14 +32,12 @@ from nanochat.checkpoint_manager import (
     PHASE_SCRIPTS, checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, load_model, load_model_state,
     load_optimizer_for_rank, load_optimizer_state, meta_path, save_checkpoint,
 )
-from nanochat.common import ConfigError, MissingInputError, get_base_dir, print0
+from nanochat.common import ConfigError, MissingInputError, print0
 from nanochat.gpt import GPTConfig
 from nanochat.training import add_keep_checkpoints_flag
 from tasks.common import TaskMixture
-from tasks.hub import PROVENANCE_NAME, task_data_dir
-from tasks.spellingbee import WORD_LIST_FILENAME
+from tasks.provenance import data_source
 
-OFFLINE_SUMMARY_NAME = "offline_tasks.json"  # written by `python -m dev.offline_data tasks` in task_data/
 
 
 # -----------------------------------------------------------------------------
@@ -133,25 +130,12 @@ class Mixture:
     lines: list  # the printed summary, one line per part
 
 
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _substitute_of(part, task):
     """What stands in for the real data of a part (the offline builder's label), or None for the real data."""
     if getattr(task, "substitute", None):
         return task.substitute
-    if isinstance(part.data, tuple):
-        path = os.path.join(task_data_dir(*part.data), PROVENANCE_NAME)
-        return _read_json(path).get("substitute") if os.path.exists(path) else None
-    if part.data == WORD_LIST_FILENAME:
-        summary_path = os.path.join(get_base_dir(), "task_data", OFFLINE_SUMMARY_NAME)
-        if os.path.exists(summary_path):
-            written = _read_json(summary_path).get("outputs", {}).get(WORD_LIST_FILENAME)
-            if isinstance(written, dict):  # the builder wrote the list on disk (it keeps a real download)
-                return written.get("substitute")
-    return None
+    source = data_source(part.data) if part.data is not None else None
+    return source.substitute if source else None
 
 
 def load_mixture(title, parts):

@@ -25,6 +25,7 @@ from nanochat.gpt import GPTConfig
 from scripts import chat_eval
 from tasks.common import Task, render_mc
 from tasks.hub import MANIFEST_NAME, PROVENANCE_NAME, task_data_dir
+from tasks.provenance import DataSource
 
 GLOO_EXIT_ABORT = "terminate called without an active exception"
 
@@ -204,7 +205,7 @@ def test_chatcore_centers_each_task_by_its_chance_accuracy_and_needs_all_six():
     assert chat_eval.chatcore_metric({k: v for k, v in results.items() if k != "HumanEval"}) is None
 
     sizes = {"ARC-Easy": 2376, "ARC-Challenge": 1172, "MMLU": 14042, "GSM8K": 1319, "HumanEval": 164, "SpellingBee": 256}
-    source = chat_eval.DataSource("offline copy", "rebuilt")
+    source = DataSource("offline copy", "rebuilt")
     accuracies, chatcore = chat_eval.result_lines(results, sizes, {"MMLU": source}, max_problems=200)
     assert accuracies["ARC-Easy (200 of 2,376 problems)"] == 0.25
     assert accuracies["MMLU (200 of 14,042 problems; offline copy)"] == 1.0
