@@ -16,7 +16,7 @@ its longest row; the targets are exactly the tokens render_conversation's mask m
 assistant's. LR = init_lr_frac x the phase LRs, then warmup / flat / linear warmdown to
 final_lr_frac (the defaults give upstream's linear decay from the first step to 0). Every
 --eval-every steps the validation loss, every --eval-metrics-every steps MMLU and ARC-Easy
-accuracy (scripts.chat_eval.run_chat_eval). The model is not compiled (row lengths vary).
+accuracy (tasks.evaluation.run_chat_eval). The model is not compiled (row lengths vary).
 
 Flags from later upstream, with this recipe's defaults where the two differ: --load-optimizer
 (later upstream: 1; here 0, as the recipe), --mmlu-epochs (3; here 0: midtraining already trains
@@ -152,7 +152,7 @@ def evaluate_val_loss(model, tokenizer, val_dataset, args, max_tokens, runtime):
 
 
 def evaluate_metrics(model, tokenizer, engine, args):
-    from scripts.chat_eval import run_chat_eval  # imported when needed: evaluation pulls in every task's code
+    from tasks.evaluation import run_chat_eval  # imported when needed: evaluation pulls in every task's code
 
     model.eval()
     metrics = {}

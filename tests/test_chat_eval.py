@@ -1,5 +1,5 @@
 """
-scripts/chat_eval.py: categorical scoring on a model whose letter logits the test sets (the right
+tasks/evaluation.py and scripts/chat_eval.py: categorical scoring on a model whose letter logits the test sets (the right
 position, only the allowed letters, padded batches of any size), pass@n of generative tasks on a
 real tiny model and Engine with a task whose verdicts the test scripts, the ChatCORE formula and
 the labels of partial and offline results, and the CLI on the tiny checkpoint saved as an SFT
@@ -23,6 +23,7 @@ from nanochat.common import ConfigError, MissingInputError
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
 from scripts import chat_eval
+from tasks import evaluation
 from tasks.common import Task, render_mc
 from tasks.hub import MANIFEST_NAME, PROVENANCE_NAME, task_data_dir
 from tasks.provenance import DataSource
@@ -115,7 +116,7 @@ def build_letter_setup(tokenizer):
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_categorical_counts_the_chosen_letter_at_the_last_prompt_position_and_ignores_other_tokens(tiny_tokenizer, batch_size, capsys):
     task, model = build_letter_setup(tiny_tokenizer)
-    accuracy = chat_eval.run_categorical_eval(task, tiny_tokenizer, model, batch_size)
+    accuracy = evaluation.run_categorical_eval(task, tiny_tokenizer, model, batch_size)
     assert accuracy == pytest.approx(4 / 7)
     assert "Final: 4/7 (57.14%)" in capsys.readouterr().out
     assert len(model.rows_seen) == 7  # every problem in exactly one row
@@ -123,12 +124,12 @@ def test_categorical_counts_the_chosen_letter_at_the_last_prompt_position_and_ig
 
 def test_categorical_max_problems_and_the_registry_entry_point(tiny_tokenizer, monkeypatch):
     task, model = build_letter_setup(tiny_tokenizer)
-    monkeypatch.setitem(chat_eval.TASKS, "Letters", lambda: task)
+    monkeypatch.setitem(evaluation.TASKS, "Letters", lambda: task)
     # the first 3 problems: right, wrong, right
-    accuracy = chat_eval.run_chat_eval("Letters", model, tiny_tokenizer, Engine(model, tiny_tokenizer), batch_size=2, max_problems=3)
+    accuracy = evaluation.run_chat_eval("Letters", model, tiny_tokenizer, Engine(model, tiny_tokenizer), batch_size=2, max_problems=3)
     assert accuracy == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="unknown task 'Nope'"):
-        chat_eval.run_chat_eval("Nope", model, tiny_tokenizer, None)
+        evaluation.run_chat_eval("Nope", model, tiny_tokenizer, None)
 
 
 def test_a_letter_that_is_several_tokens_is_a_clear_error(tiny_tokenizer):
@@ -138,7 +139,7 @@ def test_a_letter_that_is_several_tokens_is_a_clear_error(tiny_tokenizer):
     model = LetterLogitsModel(tiny_tokenizer.get_vocab_size(), tiny_tokenizer.get_bos_token_id(), [
         (tiny_tokenizer.render_for_completion(task[0]), 0, 1, 2)])
     with pytest.raises(ConfigError, match=f"answer letter '{label}' encodes to"):
-        chat_eval.run_categorical_eval(task, tiny_tokenizer, model, batch_size=1)
+        evaluation.run_categorical_eval(task, tiny_tokenizer, model, batch_size=1)
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def test_generative_pass_at_n_passes_a_problem_when_any_sample_passes(tiny_token
     model, engine = tiny_engine
     sampling = dict(max_new_tokens=6, temperature=1.0, top_k=50)
     task = ScriptedTask()
-    assert chat_eval.run_generative_eval(task, tiny_tokenizer, model, engine, 4, **sampling) == pytest.approx(2 / 3)
+    assert evaluation.run_generative_eval(task, tiny_tokenizer, model, engine, 4, **sampling) == pytest.approx(2 / 3)
     assert "Final: 2/3 (66.67%)" in capsys.readouterr().out
     for index, completions in task.calls.items():
         # each completion is the decoded generated part of the Engine's sample, without the prompt
@@ -190,7 +191,7 @@ def test_generative_pass_at_n_passes_a_problem_when_any_sample_passes(tiny_token
         assert completions == [tiny_tokenizer.decode(sample[len(prompt):]) for sample in samples]
     assert len(set(task.calls[1])) > 1  # the samples really differ
     # one sample: problem 1 never reaches its passing 3rd sample
-    assert chat_eval.run_generative_eval(ScriptedTask(), tiny_tokenizer, model, engine, 1, **sampling) == pytest.approx(1 / 3)
+    assert evaluation.run_generative_eval(ScriptedTask(), tiny_tokenizer, model, engine, 1, **sampling) == pytest.approx(1 / 3)
 
 
 # -----------------------------------------------------------------------------
@@ -200,9 +201,9 @@ def test_generative_pass_at_n_passes_a_problem_when_any_sample_passes(tiny_token
 def test_chatcore_centers_each_task_by_its_chance_accuracy_and_needs_all_six():
     results = {"ARC-Easy": 0.25, "ARC-Challenge": 0.625, "MMLU": 1.0, "GSM8K": 0.1, "HumanEval": 0.2, "SpellingBee": 0.3}
     # (0.25-0.25)/0.75 = 0, (0.625-0.25)/0.75 = 0.5, 1, then 0.1, 0.2, 0.3 as they are
-    assert chat_eval.chatcore_metric(results) == pytest.approx((0 + 0.5 + 1 + 0.1 + 0.2 + 0.3) / 6)
-    assert chat_eval.chatcore_metric({**results, "ARC-Easy": 0.0}) == pytest.approx((-1 / 3 + 0.5 + 1 + 0.6) / 6)
-    assert chat_eval.chatcore_metric({k: v for k, v in results.items() if k != "HumanEval"}) is None
+    assert evaluation.chatcore_metric(results) == pytest.approx((0 + 0.5 + 1 + 0.1 + 0.2 + 0.3) / 6)
+    assert evaluation.chatcore_metric({**results, "ARC-Easy": 0.0}) == pytest.approx((-1 / 3 + 0.5 + 1 + 0.6) / 6)
+    assert evaluation.chatcore_metric({k: v for k, v in results.items() if k != "HumanEval"}) is None
 
     sizes = {"ARC-Easy": 2376, "ARC-Challenge": 1172, "MMLU": 14042, "GSM8K": 1319, "HumanEval": 164, "SpellingBee": 256}
     source = DataSource("offline copy", "rebuilt")
