@@ -6,7 +6,7 @@ Run it (one process; CUDA, MPS or CPU):
     python -m scripts.chat_cli -i mid -g d20 -t 0.7 -k 40       # another phase, tag and sampling
     python -m scripts.chat_cli -i sft -p "Why is the sky blue?" # answer one prompt, then exit
     python -m scripts.chat_cli -i base --device-type cpu        # on CPU
-    NANOCHAT_DTYPE=float32 python -m scripts.chat_cli           # the compute dtype comes from NANOCHAT_DTYPE
+    python -m scripts.chat_cli -d float32                       # the compute dtype (as NANOCHAT_DTYPE sets it)
 
 At the "User:" prompt type a message and press Enter. `clear` starts a new conversation;
 `quit`, `exit`, Ctrl-D or Ctrl-C end the program. Each answer is at most 256 tokens.
@@ -14,6 +14,12 @@ At the "User:" prompt type a message and press Enter. `clear` starts a new conve
 Reads $NANOCHAT_BASE_DIR/<phase>_checkpoints/<model-tag>/ and $NANOCHAT_BASE_DIR/tokenizer/.
 Writes nothing.
 """
+
+import sys
+
+from nanochat.precision import add_dtype_flag, apply_dtype_flag, check_dtype_flag
+
+apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
 import argparse
 import os
@@ -38,7 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    return parse_flags(parser, argv)
+    add_dtype_flag(parser)
+    args = parse_flags(parser, argv)
+    check_dtype_flag(args.dtype)
+    return args
 
 
 # -----------------------------------------------------------------------------

@@ -23,6 +23,12 @@ Reads  $NANOCHAT_BASE_DIR/<source>_checkpoints/<model-tag>/, the tokenizer, and 
 Writes the "Chat evaluation <source>" section of the report.
 """
 
+import sys
+
+from nanochat.precision import add_dtype_flag, apply_dtype_flag, check_dtype_flag
+
+apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
+
 import argparse
 import time
 
@@ -38,7 +44,6 @@ from tasks.evaluation import run_chat_eval  # noqa: F401  (upstream's chat_sft i
 from scripts.chat_cli import load_chat_model
 from tasks.provenance import data_source
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -48,9 +53,7 @@ def parse_args(argv=None):
                         help="which phase's model to evaluate")
     parser.add_argument("-a", "--task-name", type=str, default=None,
                         help=f"tasks separated by | (None = all of {'|'.join(DEFAULT_TASKS)})")
-    parser.add_argument("-d", "--dtype", type=str, default="", choices=["", *DTYPES],
-                        help="compute dtype; nanochat fixes it at import from NANOCHAT_DTYPE (else bf16 on SM80+ "
-                             "CUDA, fp32 elsewhere), so this only checks it (empty = whatever that gives)")
+    add_dtype_flag(parser)
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="longest completion (generative tasks)")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="completions per problem, pass@n (generative tasks)")
@@ -79,14 +82,6 @@ def select_tasks(task_name):
     if unknown or not names:
         raise ConfigError(f"unknown task {', '.join(unknown) or repr(task_name)} in -a; choose from {'|'.join(TASKS)}")
     return names
-
-
-def check_dtype(name):
-    """-d names the dtype this process computes in, or is empty; anything else cannot be honoured now."""
-    if name and DTYPES[name] != COMPUTE_DTYPE:
-        current = str(COMPUTE_DTYPE).removeprefix("torch.")
-        raise ConfigError(f"-d {name} asks for another compute dtype than this process has ({current}); nanochat "
-                          f"fixes it at import: run with NANOCHAT_DTYPE={name} instead")
 
 
 # -----------------------------------------------------------------------------
@@ -136,7 +131,7 @@ def data_note(sources):
 def main(argv=None):
     args = parse_args(argv)
     task_names = select_tasks(args.task_name)
-    check_dtype(args.dtype)
+    check_dtype_flag(args.dtype)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, meta = load_chat_model(args.source, device, model_tag=args.model_tag, step=args.step)

@@ -31,8 +31,7 @@ saved every --save-every steps and after the last step, with every rank's optimi
 position of the next question, so --resume-from-step=S continues with step S+1, also on another
 number of ranks (the optimizer state is re-sharded).
 
-The compute dtype comes from NANOCHAT_DTYPE (bf16 on SM80+ GPUs, else fp32), as in every phase;
-upstream's --dtype flag is gone.
+The compute dtype comes from -d/--dtype or NANOCHAT_DTYPE (bf16 on SM80+ GPUs, else fp32).
 
 Step line: mean reward and sequence length over all ranks, the LR multiplier, the step's time
 split into rollout (sampling and reward) and training (forward/backward and update), tok/sec
@@ -46,8 +45,13 @@ Writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model-tag or d<depth>>/{model,meta
 """
 
 import os
+import sys
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+from nanochat.precision import apply_dtype_flag, check_dtype_flag  # noqa: E402
+
+apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
 import json
 import time
@@ -98,7 +102,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1 = off)")
     parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test problems per evaluation")
     add_checkpoint_flags(parser, save_every=60)
-    return parse_flags(parser, argv)
+    args = parse_flags(parser, argv)
+    check_dtype_flag(args.dtype)
+    return args
 
 
 # -----------------------------------------------------------------------------

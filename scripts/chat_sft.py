@@ -33,8 +33,13 @@ Writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<model-tag or d<depth>>/{model,met
 """
 
 import os
+import sys
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+from nanochat.precision import apply_dtype_flag, check_dtype_flag  # noqa: E402
+
+apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
 import time
 from dataclasses import dataclass, field
@@ -87,7 +92,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-metrics-every", type=int, default=200, help="MMLU and ARC-Easy accuracy every N steps and at the end (-1 = off)")
     parser.add_argument("--eval-metrics-max-problems", type=int, default=1024, help="problems per accuracy evaluation")
     add_checkpoint_flags(parser)
-    return parse_flags(parser, argv)
+    args = parse_flags(parser, argv)
+    check_dtype_flag(args.dtype)
+    return args
 
 
 def training_mixture(args):

@@ -34,6 +34,7 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import ConfigError, MissingInputError, print0
 from nanochat.gpt import GPTConfig
+from nanochat.precision import add_dtype_flag
 from nanochat.training import add_keep_checkpoints_flag
 from tasks.common import TaskMixture
 from tasks.provenance import data_source
@@ -49,6 +50,7 @@ def phase_parser(description):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_dtype_flag(parser)
     return parser
 
 

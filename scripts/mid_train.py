@@ -28,8 +28,13 @@ model config and every rank's optimizer shard) and the "Midtraining" report sect
 """
 
 import os
+import sys
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+from nanochat.precision import apply_dtype_flag, check_dtype_flag  # noqa: E402
+
+apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
 import time
 from dataclasses import dataclass
@@ -70,7 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of val data per bpb evaluation")
     add_checkpoint_flags(parser)
     parser.add_argument("--dry-run", action="store_true", help="log to wandb but write no checkpoint and no report")
-    return parse_flags(parser, argv)
+    args = parse_flags(parser, argv)
+    check_dtype_flag(args.dtype)
+    return args
 
 
 def training_mixture():

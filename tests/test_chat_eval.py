@@ -373,5 +373,5 @@ def test_missing_checkpoint_and_unknown_task_are_one_line_errors(sft_base, monke
     with pytest.raises(ConfigError, match="--max-problems must be at least 1"):
         chat_eval.main(["-i", "sft", "-x", "0"])
     # the tests compute in float32 (NANOCHAT_DTYPE): a different -d cannot be honoured after import
-    with pytest.raises(ConfigError, match="run with NANOCHAT_DTYPE=bfloat16 instead"):
+    with pytest.raises(ConfigError, match="start it with -d bfloat16 on the command line"):
         chat_eval.main(["-i", "sft", "-d", "bfloat16"])
