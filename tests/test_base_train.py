@@ -15,7 +15,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, child_env, kill_once_saved, run_in_process
+from conftest import (
+    REPO_ROOT, TINY_FLAGS, child_env, kill_once_saved, parse_losses, parse_val_bpb, run_base_train, run_in_process,
+)
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
 from scripts.base_train import (
@@ -24,43 +26,10 @@ from scripts.base_train import (
 )
 
 
-TINY_FLAGS = [
-    "--depth=2", "--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=256",
-    "--eval-every=10", "--eval-tokens=512", "--core-metric-every=-1", "--sample-every=-1",
-    "--device-type=cpu",
-]
-STEP_LINE = re.compile(r"^step (\d{5})/\d{5} .*\| loss: ([0-9.]+) \|")
-GLOO_EXIT_ABORT = "terminate called without an active exception"
-VAL_LINE = re.compile(r"^Step (\d{5}) \| Validation bpb: ([0-9.]+)$")
-
-
 @pytest.fixture
 def base_dir(tiny_base_dir):
     """The session's tiny base dir: shards and a trained tokenizer (tests/conftest.py)."""
     return tiny_base_dir
-
-
-def run_base_train(base, *flags, nproc=1, timeout=300, env_overrides=None):
-    env = dict(child_env(base), **(env_overrides or {}))
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "scripts.base_train", *TINY_FLAGS, *flags]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "scripts.base_train", "--", *TINY_FLAGS, *flags]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if nproc > 1 and result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
-        # gloo on CPU rarely aborts a rank while the interpreter exits, after all work is done
-        # (~1 in 50 launches here); that says nothing about the code under test: run it again.
-        result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return result
-
-
-def parse_losses(output):
-    return {int(m.group(1)): m.group(2) for m in map(STEP_LINE.match, output.splitlines()) if m}
-
-
-def parse_val_bpb(output):
-    return {int(m.group(1)): float(m.group(2)) for m in map(VAL_LINE.match, output.splitlines()) if m}
 
 
 def test_tiny_run_lowers_loss_and_writes_a_loadable_checkpoint(base_dir):
@@ -113,8 +82,7 @@ def test_tiny_run_lowers_loss_and_writes_a_loadable_checkpoint(base_dir):
     (["--num-iterations=2", "--resume-from-step=5"], "--resume-from-step=5 is past the end of this run (2 steps)"),
 ])
 def test_bad_config_fails_at_start_with_a_message(base_dir, flags, message, monkeypatch, capsys):
-    code, out, err = run_in_process(base_train_main, "base_train", base_dir, [*TINY_FLAGS, *flags, "--model-tag=bad"],
-                                    monkeypatch, capsys)
+    code, out, err = run_in_process(base_train_main, "base_train", base_dir, [*TINY_FLAGS, *flags, "--model-tag=bad"])
     assert code == 2  # and no traceback: any other exception would have failed the test
     assert message in out + err
     assert not (base_dir / "base_checkpoints" / "bad").exists()
@@ -127,7 +95,7 @@ def test_bad_config_fails_at_start_with_a_message(base_dir, flags, message, monk
 ])
 def test_unavailable_device_fails_at_start_with_a_message(base_dir, device_flag, message, monkeypatch, capsys):
     code, out, _ = run_in_process(base_train_main, "base_train", base_dir,
-                                  [*TINY_FLAGS, "--num-iterations=2", device_flag, "--model-tag=bad_device"], monkeypatch, capsys)
+                                  [*TINY_FLAGS, "--num-iterations=2", device_flag, "--model-tag=bad_device"])
     assert code == 2
     assert f"base_train: {message}\n" in out
 
@@ -154,8 +122,7 @@ def test_single_step_run_without_evaluation_still_saves_the_last_step(base_dir):
 
 def test_resume_from_missing_step_names_the_checkpoint(base_dir, monkeypatch, capsys):
     code, out, err = run_in_process(base_train_main, "base_train", base_dir,
-                                    [*TINY_FLAGS, "--num-iterations=4", "--model-tag=never_saved", "--resume-from-step=3"],
-                                    monkeypatch, capsys)
+                                    [*TINY_FLAGS, "--num-iterations=4", "--model-tag=never_saved", "--resume-from-step=3"])
     assert code != 0
     assert "never_saved" in out + err
 
@@ -242,7 +209,7 @@ def test_base_loss_reports_bpb_of_the_trained_model(base_dir, trained_for_loss):
 def test_base_loss_bad_input_fails_with_a_message(base_dir, trained_for_loss, flags, message, monkeypatch, capsys):
     from scripts.base_loss import main as base_loss_main
 
-    code, out, err = run_in_process(base_loss_main, "base_loss", base_dir, ["--device-type=cpu", *flags], monkeypatch, capsys)
+    code, out, err = run_in_process(base_loss_main, "base_loss", base_dir, ["--device-type=cpu", *flags])
     assert code == 2, out + err
     assert message in out
 

@@ -1,7 +1,7 @@
 """
 The post-training chain as a user runs it, on one tiny model: base (conftest's 3-step d2 model)
--> mid (test_mid_train's mid_run) -> SFT (test_chat_sft's sft_run, which trains on mid_run's
-checkpoint) -> RL here, on that SFT checkpoint. Mid and SFT lowering their losses is asserted in
+-> mid (conftest's mid_run) -> SFT (conftest's sft_run, which trains on mid_run's checkpoint)
+-> RL here, on that SFT checkpoint. Mid and SFT lowering their losses is asserted in
 their own modules; here RL runs on the chain's end and logs its rewards, and chat_cli answers
 from the checkpoint of every phase, the very answer that phase's model gives.
 """
@@ -10,16 +10,9 @@ import re
 
 import torch
 
-import test_chat_sft
-import test_mid_train
+from conftest import run_in_process, script_environment
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
-from test_mid_train import phase_environment, run_phase
-
-# the session fixtures: the tiny base model and task data, the midtraining run, the SFT run on it
-chat_base_dir = test_mid_train.chat_base_dir
-mid_run = test_mid_train.mid_run
-sft_run = test_chat_sft.sft_run
 
 RL_FLAGS = ["--device-type=cpu", "--model-tag=chat", "--examples-per-step=2", "--num-samples=2",
             "--device-batch-size=2", "--max-new-tokens=12", "--num-steps=2", "--eval-every=-1", "--save-every=-1"]
@@ -47,16 +40,16 @@ def test_rl_runs_on_the_chains_sft_model_and_chat_cli_answers_from_every_phase(s
     from scripts.chat_cli import main as chat_cli_main
     from scripts.chat_rl import main as chat_rl_main
 
-    code, rl_out = run_phase(chat_rl_main, "chat_rl", chat_base_dir, RL_FLAGS)
-    assert code == 0, rl_out
+    code, rl_out, err = run_in_process(chat_rl_main, "chat_rl", chat_base_dir, RL_FLAGS)
+    assert code == 0, rl_out + err
     rewards = {int(m.group(1)): float(m.group(2)) for m in map(RL_STEP_LINE.match, rl_out.splitlines()) if m}
     assert sorted(rewards) == [0, 1] and all(0.0 <= r <= 1.0 for r in rewards.values()), rl_out
     assert (chat_base_dir / "chatrl_checkpoints" / "chat" / "meta_000001.json").exists()
 
     for phase in ("base", "mid", "sft", "rl"):
-        code, out = run_phase(chat_cli_main, "chat_cli", chat_base_dir,
-                              ["-i", phase, "-g", "chat", "-t", "0", "--device-type", "cpu", "-p", PROMPT])
+        code, out, _ = run_in_process(chat_cli_main, "chat_cli", chat_base_dir,
+                                      ["-i", phase, "-g", "chat", "-t", "0", "--device-type", "cpu", "-p", PROMPT])
         assert code == 0, (phase, out)
-        with phase_environment(chat_base_dir):
+        with script_environment(chat_base_dir):
             expected = greedy_answer(phase)
         assert out.split("Assistant: ", 1)[1].rstrip("\n") == expected, phase

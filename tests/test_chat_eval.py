@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO_ROOT, build_gpt, child_env, free_port
+from conftest import REPO_ROOT, build_gpt, child_env, free_port, gloo_aborted
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS
 from nanochat.common import ConfigError, MissingInputError
 from nanochat.engine import Engine
@@ -28,7 +28,6 @@ from tasks.common import Task, render_mc
 from tasks.hub import MANIFEST_NAME, PROVENANCE_NAME, task_data_dir
 from tasks.provenance import DataSource
 
-GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 # -----------------------------------------------------------------------------
@@ -352,7 +351,7 @@ def test_cli_scores_the_known_answers_and_labels_the_offline_data_in_the_report(
 def test_two_ranks_score_exactly_what_one_rank_scores(sft_base, one_rank_run):
     base, ranks = sft_base
     results = communicate(ranks)
-    if any(code != 0 and GLOO_EXIT_ABORT in err for code, _, err in results):  # a rare gloo abort at exit: once more
+    if gloo_aborted(results):  # a rare gloo abort at exit: once more
         results = communicate(start_two_ranks(base))
     for code, _, err in results:
         assert code == 0, err

@@ -1,10 +1,10 @@
 """
 SFT: the one-conversation-per-row loader of nanochat.chat_data (targets are exactly the assistant
 tokens of render_conversation's mask, rows padded to the longest of the batch, ranks disjoint), and
-scripts/chat_sft.py end to end on CPU on the midtrained tiny model (fixtures of test_mid_train):
+scripts/chat_sft.py end to end on CPU on the midtrained tiny model (the chat fixtures of conftest.py):
 it lowers the loss, lists the mixture with what is missing, writes a checkpoint load_model("sft")
 reads, resumes a run SIGKILLed after a save with identical losses, warm-starts the optimizer with its own LRs, and rejects bad
-input at start. The 2-rank save resumed on 1 rank is tested with midtraining in test_mid_train.
+input at start.
 """
 
 import os
@@ -14,44 +14,17 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import SFT_FLAGS, SFT_STEP_LINE, kill_after_save_then_resume, parse_lines, run_in_process, script_environment
 from nanochat.chat_data import padded_conversation_batches
-import test_mid_train
-from test_mid_train import kill_after_save_then_resume, phase_environment, run_phase
-
-# the session fixtures of test_mid_train: its tiny base model and task data, and one midtraining run on them
-chat_base_dir = test_mid_train.chat_base_dir
-mid_run = test_mid_train.mid_run
-
-HAS_CHAT_EVAL = os.path.exists(os.path.join(REPO_ROOT, "scripts", "chat_eval.py"))
-SFT_FLAGS = ["--device-type=cpu", "--device-batch-size=4", "--target-examples-per-step=8", "--eval-steps=2",
-             "--init-lr-frac=0.5", "--eval-metrics-max-problems=4",
-             "--eval-metrics-every=" + ("4" if HAS_CHAT_EVAL else "-1")]
-SFT_STEP_LINE = re.compile(r"^Step (\d{5})/\d{5} \| Training loss: ([0-9.]+)\| lrm: [0-9.]+\| num_tokens: ([0-9,]+) \|")
 VAL_LOSS_LINE = re.compile(r"^Step (\d{5}) \| Validation loss: ([0-9.]+)$")
 
 
 def parse_sft_losses(output):
-    return {int(m.group(1)): m.group(2) for m in map(SFT_STEP_LINE.match, output.splitlines()) if m}
-
-
-def parse_sft_tokens(output):
-    return {int(m.group(1)): m.group(3) for m in map(SFT_STEP_LINE.match, output.splitlines()) if m}
+    return parse_lines(SFT_STEP_LINE, output)
 
 
 def parse_val_loss(output):
-    return {int(m.group(1)): float(m.group(2)) for m in map(VAL_LOSS_LINE.match, output.splitlines()) if m}
-
-
-@pytest.fixture(scope="session")
-def sft_run(mid_run, chat_base_dir):
-    """8 SFT steps on the midtrained tiny model (tag chat), saved at 4 and 8; returns its stdout."""
-    from scripts.chat_sft import main
-
-    code, out = run_phase(main, "chat_sft", chat_base_dir,
-                          [*SFT_FLAGS, "--model-tag=chat", "--num-iterations=8", "--eval-every=4", "--save-every=4"])
-    assert code == 0, out
-    return out
+    return parse_lines(VAL_LOSS_LINE, output, cast=float)
 
 
 # -----------------------------------------------------------------------------
@@ -109,24 +82,21 @@ def test_chat_sft_lowers_the_loss_and_writes_a_checkpoint_load_model_reads(sft_r
     # the mixture: 20 ARC-Easy + 20 GSM8K + 60 SmolTalk + 30 identity + 300 + 300 spelling; ARC-Challenge is not there
     assert "Training mixture: 730 rows\n" in sft_run
     assert "  ARC-Challenge train: MISSING, left out (" in sft_run
-    if HAS_CHAT_EVAL:
-        assert re.search(r"^Step 00004 \| mmlu_acc: [0-9.]+, arc_easy_acc: [0-9.]+$", sft_run, re.MULTILINE), sft_run
+    assert re.search(r"^Step 00004 \| mmlu_acc: [0-9.]+, arc_easy_acc: [0-9.]+$", sft_run, re.MULTILINE), sft_run
     report = (chat_base_dir / "report" / "chat-sft.md").read_text()
     assert "- Training rows: 730\n" in report and "- Number of iterations: 8\n" in report
     assert "ARC-Challenge train: MISSING" in report
 
-    with phase_environment(chat_base_dir):
+    with script_environment(chat_base_dir):
         model, _, meta = load_model("sft", "cpu", phase="eval", model_tag="chat")
     assert meta["step"] == 8 and meta["source"] == "mid"
     assert meta["val_loss"] == pytest.approx(val_loss[8], abs=1e-6)
 
 
 def test_chat_sft_killed_after_a_save_resumes_with_identical_losses(sft_run, chat_base_dir):
-    from scripts.chat_sft import main
-
     shutil.copytree(chat_base_dir / "mid_checkpoints" / "chat", chat_base_dir / "mid_checkpoints" / "sft_killed")
     flags = [*SFT_FLAGS, "--model-tag=sft_killed", "--num-iterations=8", "--eval-every=4", "--save-every=4"]
-    resumed = kill_after_save_then_resume(main, "chat_sft", chat_base_dir, flags,
+    resumed = kill_after_save_then_resume("chat_sft", chat_base_dir, flags,
                                           chat_base_dir / "chatsft_checkpoints" / "sft_killed")
     reference = parse_sft_losses(sft_run)
     assert parse_sft_losses(resumed) == {step: reference[step] for step in range(4, 8)}
@@ -139,7 +109,7 @@ def test_load_optimizer_warm_starts_the_state_with_this_runs_learning_rates(mid_
     from scripts.chat_sft import build_optimizer, parse_args
     from scripts.chat_training import warm_start_optimizer
 
-    with phase_environment(chat_base_dir):
+    with script_environment(chat_base_dir):
         model, _, _ = load_model("mid", "cpu", phase="train", model_tag="chat")
         optimizer = build_optimizer(parse_args(["--init-lr-frac=0.02"]), model)
         fresh_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -166,7 +136,7 @@ def test_chat_sft_bad_input_is_one_line_at_start_and_writes_nothing(mid_run, cha
 
     before = sorted(os.listdir(chat_base_dir / "chatsft_checkpoints" / "chat")) \
         if (chat_base_dir / "chatsft_checkpoints" / "chat").exists() else []
-    code, out = run_phase(main, "chat_sft", chat_base_dir, [*SFT_FLAGS, "--num-iterations=2", *flags])
+    code, out, _ = run_in_process(main, "chat_sft", chat_base_dir, [*SFT_FLAGS, "--num-iterations=2", *flags])
     assert code == 2, out
     error_lines = [line for line in out.splitlines() if line.startswith("chat_sft: ")]
     assert len(error_lines) == 1 and message in error_lines[0], out

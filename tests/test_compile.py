@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch._dynamo
 
+from conftest import parse_losses, parse_val_bpb, run_base_train
 from nanochat.common import _cpu_compiler_available
 from nanochat.optim import MuonAdamW
 
 import dist_optim_worker as worker
-from test_base_train import parse_losses, parse_val_bpb, run_base_train
 
 # without a C++ compiler compile_enabled() runs eagerly on CPU, and these comparisons would be vacuous
 needs_cpu_compiler = pytest.mark.skipif(not _cpu_compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")

@@ -23,9 +23,11 @@ import zipfile
 
 import pytest
 import torch
-import yaml
 
-from conftest import REPO_ROOT, LocalHTTPServer, QuietHandler, build_gpt, child_env, synthetic_documents
+from conftest import (
+    REPO_ROOT, LocalHTTPServer, QuietHandler, build_gpt, child_env, run_in_process, small_bundle, synthetic_tasks,
+    write_bundle_dir,
+)
 from dev.offline_data import core_bundle
 from nanochat import core_eval as ce
 from nanochat.common import ConfigError, MissingInputError
@@ -206,19 +208,6 @@ def test_task_accuracy_with_few_shot_prompts():
 # Packing on a real GPT
 
 
-def synthetic_tasks(num_examples=16, seed=0):
-    """A small task of each type from the test grammar."""
-    rng = random.Random(seed)
-    docs = synthetic_documents(3 * num_examples, seed=seed)
-    words = lambda doc, n: " ".join(doc.split()[:n])  # noqa: E731
-    mc = [{"query": words(docs[i], 4), "choices": [words(docs[(i + j) % len(docs)], rng.randint(1, 5)) for j in range(4)],
-           "gold": rng.randrange(4)} for i in range(num_examples)]
-    schema = [{"context_options": [words(docs[i], rng.randint(1, 4)), words(docs[i + 1], rng.randint(1, 4))],
-               "continuation": words(docs[i + 2], 4), "gold": rng.randrange(2)} for i in range(num_examples)]
-    lm = [{"context": words(docs[i], rng.randint(2, 8)), "continuation": words(docs[i + 1], rng.randint(1, 3))} for i in range(num_examples)]
-    return {"multiple_choice": mc, "schema": schema, "language_modeling": lm}
-
-
 class CountingModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -276,35 +265,6 @@ def test_packing_keeps_padding_bounded():
 
 # -----------------------------------------------------------------------------
 # Bundles
-
-
-def write_bundle_dir(directory, tasks, offline=False):
-    """A bundle directory: tasks is [(label, task_type, shots, delimiter, baseline, items)]."""
-    os.makedirs(os.path.join(directory, "eval_data", "t"), exist_ok=True)
-    entries, lines = [], ["Eval Task,Random baseline"]
-    for label, task_type, shots, delimiter, baseline, items in tasks:
-        with open(os.path.join(directory, "eval_data", "t", f"{label}.jsonl"), "w") as f:
-            f.write("".join(json.dumps(item) + "\n" for item in items))
-        entries.append({"label": label, "dataset_uri": f"t/{label}.jsonl", "num_fewshot": [shots], "icl_task_type": task_type,
-                        "continuation_delimiter": delimiter})
-        lines.append(f"{label},{baseline}")
-    with open(os.path.join(directory, "core.yaml"), "w") as f:
-        yaml.safe_dump({"icl_tasks": entries}, f)
-    with open(os.path.join(directory, "eval_meta_data.csv"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    if offline:
-        with open(os.path.join(directory, ce.OFFLINE_PROVENANCE), "w") as f:
-            json.dump({"built_by": "test"}, f)
-    return directory
-
-
-def small_bundle(directory, offline=False):
-    tasks = synthetic_tasks(num_examples=10, seed=1)
-    return write_bundle_dir(directory, [
-        ("mc_task", "multiple_choice", 2, "\nAnswer: ", 25, tasks["multiple_choice"]),
-        ("schema_task", "schema", 0, " ", 50, tasks["schema"]),
-        ("lm_task", "language_modeling", 1, " ", 0, tasks["language_modeling"]),
-    ], offline)
 
 
 def zip_bundle(bundle_dir):
@@ -423,11 +383,10 @@ def test_too_few_examples_for_the_few_shot_prompts_fail_before_any_evaluation(tm
 
 def test_base_eval_on_two_ranks_writes_the_one_rank_table(tiny_checkpoint, tiny_base_dir, tmp_path, monkeypatch, capsys):
     from scripts import base_eval
-    from test_base_train import run_in_process
 
     bundle = small_bundle(str(tmp_path / "bundle"), offline=True)
     flags = ["--device-type=cpu", "--model-tag=for_loss", f"--bundle-dir={bundle}"]
-    code, stdout, _ = run_in_process(base_eval.main, "base_eval", tiny_base_dir, flags, monkeypatch, capsys)
+    code, stdout, _ = run_in_process(base_eval.main, "base_eval", tiny_base_dir, flags)
     assert code == 0, stdout
     csv_path = tiny_base_dir / "base_eval" / "base_model_000003.csv"
     one_rank = csv_path.read_text()
@@ -445,10 +404,9 @@ def test_base_eval_on_two_ranks_writes_the_one_rank_table(tiny_checkpoint, tiny_
 
 def test_base_eval_without_a_bundle_says_what_to_run(tiny_checkpoint, tiny_base_dir, tmp_path, monkeypatch, capsys):
     from scripts import base_eval
-    from test_base_train import run_in_process
 
     flags = ["--device-type=cpu", "--model-tag=for_loss", f"--bundle-dir={tmp_path / 'nowhere'}"]
-    code, stdout, _ = run_in_process(base_eval.main, "base_eval", tiny_base_dir, flags, monkeypatch, capsys)
+    code, stdout, _ = run_in_process(base_eval.main, "base_eval", tiny_base_dir, flags)
     assert code == 2 and stdout.strip().splitlines()[-1].startswith("base_eval: no eval bundle at")
 
 

@@ -25,7 +25,7 @@ pytest.importorskip("tokenizers")
 
 import torch  # noqa: E402
 
-from conftest import build_gpt, synthetic_documents  # noqa: E402
+from conftest import build_gpt, run_in_process, small_bundle, synthetic_documents  # noqa: E402
 from nanochat.checkpoint_manager import load_model, save_checkpoint  # noqa: E402
 from nanochat.common import ConfigError, MissingInputError  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
@@ -285,8 +285,6 @@ def test_base_loss_and_base_eval_score_the_export_as_they_score_the_checkpoint(o
                                                                               monkeypatch, capsys):
     from nanochat import dataset
     from scripts import base_eval, base_loss
-    from test_base_train import run_in_process
-    from test_core_eval import small_bundle
 
     output = tmp_path / "hf" / "tiny"
     export_hf.main(["-i", "base", "-g", "for_loss", "--output", str(output)])
@@ -296,12 +294,11 @@ def test_base_loss_and_base_eval_score_the_export_as_they_score_the_checkpoint(o
     bpb, tables = {}, {}
     for name, flags in (("checkpoint", ["--model-tag=for_loss"]), ("export", [f"--hf-path={output}"])):
         code, out, err = run_in_process(base_loss.main, "base_loss", own_base_dir,
-                                        ["--device-type=cpu", "--device-batch-size=4", "--split-tokens=512", *flags],
-                                        monkeypatch, capsys)
+                                        ["--device-type=cpu", "--device-batch-size=4", "--split-tokens=512", *flags])
         assert code == 0, out + err
         bpb[name] = [float(line.split(": ")[1]) for line in out.splitlines() if line.startswith(("train bpb", "val bpb"))]
         code, out, err = run_in_process(base_eval.main, "base_eval", own_base_dir,
-                                        ["--device-type=cpu", f"--bundle-dir={bundle}", *flags], monkeypatch, capsys)
+                                        ["--device-type=cpu", f"--bundle-dir={bundle}", *flags])
         assert code == 0, out + err
         (csv_name,) = [n for n in os.listdir(own_base_dir / "base_eval") if n not in tables.values()]
         tables[name] = csv_name

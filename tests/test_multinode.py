@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, child_env, free_port
-from test_base_train import GLOO_EXIT_ABORT, TINY_FLAGS, parse_losses, parse_val_bpb, run_base_train
+from conftest import REPO_ROOT, TINY_FLAGS, child_env, free_port, gloo_aborted, parse_losses, parse_val_bpb, run_base_train
 
 FLAGS = ["--total-batch-size=512", "--num-iterations=6", "--eval-every=3", "--save-every=3"]
 
@@ -37,7 +36,7 @@ def test_two_nodes_train_exactly_like_one_node_with_two_ranks(tiny_base_dir):
     assert single.returncode == 0, single.stdout + single.stderr
 
     results = run_two_nodes(base_dir, *FLAGS, "--model-tag=two_nodes")
-    if any(code != 0 and GLOO_EXIT_ABORT in err for code, _, err in results):
+    if gloo_aborted(results):
         results = run_two_nodes(base_dir, *FLAGS, "--model-tag=two_nodes")  # gloo's rare abort at exit
     for code, out, err in results:
         assert code == 0, out + err

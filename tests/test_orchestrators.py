@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, child_env, fake_nvidia_smi, free_port
+from conftest import REPO_ROOT, TINY_FLAGS, child_env, fake_nvidia_smi, free_port, run_in_process, small_bundle
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.run_summary import CSV_COLUMNS, history_before
 
@@ -210,7 +210,6 @@ def test_core_metric_is_off_by_default_on_cpu():
 def test_core_metric_without_its_inputs_fails_at_start(tiny_base_dir, monkeypatch, capsys):
     """Without nanochat.core_eval, or with it but no eval bundle: one line at start, no checkpoint."""
     from scripts.base_train import main as base_train_main
-    from test_base_train import TINY_FLAGS, run_in_process
 
     if CORE_AVAILABLE:
         import nanochat.core_eval as core_eval
@@ -221,7 +220,7 @@ def test_core_metric_without_its_inputs_fails_at_start(tiny_base_dir, monkeypatc
     else:
         expected = "--core-metric-every=5 needs the CORE evaluation (nanochat.core_eval)"
     flags = [*TINY_FLAGS, "--num-iterations=2", "--core-metric-every=5", "--model-tag=core_missing"]
-    code, out, err = run_in_process(base_train_main, "base_train", tiny_base_dir, flags, monkeypatch, capsys)
+    code, out, err = run_in_process(base_train_main, "base_train", tiny_base_dir, flags)
     assert code == 2, out + err
     assert expected in out
     assert not (tiny_base_dir / "base_checkpoints" / "core_missing").exists()
@@ -229,8 +228,6 @@ def test_core_metric_without_its_inputs_fails_at_start(tiny_base_dir, monkeypatc
 
 def test_core_metric_on_too_few_examples_for_the_few_shot_prompts_fails_at_start(tiny_base_dir, tmp_path, monkeypatch, capsys):
     from scripts.base_train import main as base_train_main
-    from test_base_train import TINY_FLAGS, run_in_process
-    from test_core_eval import small_bundle
 
     import nanochat.core_eval as core_eval
 
@@ -240,7 +237,7 @@ def test_core_metric_on_too_few_examples_for_the_few_shot_prompts_fails_at_start
     try:
         flags = [*TINY_FLAGS, "--num-iterations=2", "--core-metric-every=5", "--core-metric-max-per-task=2",
                  "--model-tag=core_few"]
-        code, out, err = run_in_process(base_train_main, "base_train", tiny_base_dir, flags, monkeypatch, capsys)
+        code, out, err = run_in_process(base_train_main, "base_train", tiny_base_dir, flags)
     finally:
         shutil.rmtree(tiny_base_dir / "eval_bundle_offline")
     assert code == 2, out + err
