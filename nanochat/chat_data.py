@@ -7,12 +7,8 @@ dict, e.g. a tasks TaskMixture) -> token rows -> (inputs, targets) batches on th
     padded_conversation_batches   SFT: one conversation per row, padded to the longest row of the
                                   batch; only the assistant's tokens are trained on
 
-Distribution: rank r of W reads conversations r, r+W, r+2W, ... of the dataset and wraps around
-at the end (`epoch` counts passes, starting at 1), so ranks see disjoint conversations.
-
-Resume: each batch comes with a small JSON-serializable state (where this rank's reading stands,
-and for packing which conversations wait in the buffer, by index). A loader started from the state
-yielded with batch k yields exactly batches k+1, k+2, ... of the uninterrupted loader.
+Rank r of W reads conversations r, r+W, r+2W, ... and wraps around at the end (`epoch` counts
+passes from 1). Each batch comes with a small JSON state from which the loader resumes exactly.
 loader_state_for_rank turns the states a run saved (one per rank) into the start of one rank of a
 run with another number of ranks: every conversation not yet trained on is still read, by exactly
 one rank (packing: a few may be read twice, none is lost).

@@ -1,6 +1,6 @@
 """
 Utilities shared by every phase: logging, the artifact directory, rank-aware printing,
-device/distributed initialization, the compute dtype, downloads, and the GPU peak-FLOPs and bandwidth tables.
+device/distributed initialization, the compute dtype, downloads, and the GPU peak-FLOPs table.
 """
 
 import contextlib
@@ -385,24 +385,4 @@ def get_peak_flops(device_name):
         if any(pattern in name for pattern in patterns):
             return flops
     logger.warning(f"Peak FLOPs unknown for {device_name!r}: MFU will read 0")
-    return float("inf")
-
-
-# Peak memory bandwidth in bytes/s (HBM, as the vendors state it). Order matters: more specific names first.
-_PEAK_BANDWIDTH = [
-    (("h200",), 4.8e12),
-    (("h100 nvl",), 3.9e12),
-    (("h100 pcie",), 2.0e12),
-    (("h100",), 3.35e12),  # SXM
-    (("a100",), 2.0e12),  # 80 GB SXM (2.04e12); the 40 GB part has 1.56e12
-]
-
-
-def get_peak_bandwidth(device_name):
-    """Peak memory bandwidth (bytes/s) of a GPU by its name, for MBU. Unknown devices give inf (MBU reads 0)."""
-    name = device_name.lower()
-    for patterns, bandwidth in _PEAK_BANDWIDTH:
-        if any(pattern in name for pattern in patterns):
-            return bandwidth
-    logger.warning(f"Peak memory bandwidth unknown for {device_name!r}: MBU will read 0")
     return float("inf")

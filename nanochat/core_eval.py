@@ -2,33 +2,15 @@
 The CORE metric of a base model (DCLM, arXiv 2406.11794): 22 in-context-learning tasks scored by
 the model's own token losses, each accuracy centered by the task's random baseline, then averaged.
 
-The tasks come from an eval bundle directory:
+    out = evaluate_core(model, tokenizer, device, max_per_task=100)
+    out["core_metric"], out["label"], out["centered_results"]
 
-    core.yaml            icl_tasks: [{label, dataset_uri, num_fewshot: [k], icl_task_type,
-                         continuation_delimiter (default " ")}, ...], evaluated in this order
-    eval_meta_data.csv   "Eval Task" (the label) and "Random baseline" (in percent) per task
-    eval_data/<dataset_uri>   JSONL items, by task type:
-        multiple_choice     {query, choices: [...], gold}
-        schema              {context_options: [...], continuation, gold}
-        language_modeling   {context, continuation}
-
-evaluate_core looks for it, in this order, at $NANOCHAT_BASE_DIR/eval_bundle (the real one,
-downloaded from EVAL_BUNDLE_URL on first use: one process downloads under a file lock, a cut or
-corrupt zip is refused before anything is placed) and at $NANOCHAT_BASE_DIR/eval_bundle_offline
-(what `python -m dev.offline_data core` rebuilds from registry packages without internet; its
-provenance.json marks it, and its score is labelled "CORE (partial: N of 22 tasks, offline
-reconstruction)", never a bare "CORE").
-
-Scoring one example: the k few-shot examples are drawn with random.Random(1234 + idx); every
-prompt is tokenized with BOS prepended; the scored span is where the prompts differ (the tokens
-after the common prefix for multiple choice, the common suffix for schema, the continuation for
-language modeling); rows longer than the model's context are cropped from the left. A multiple
-choice or schema example is right when the gold option has the lowest mean loss over its span
-(a tie goes to the first option), a language-modeling one when greedy argmax predicts every
-continuation token. All options of an example go through the model in one batch; with
-pack_tokens > 0 (the default on CUDA) several examples of similar length share a forward pass
-too (rows never see each other: attention is causal and padding goes on the right, so every
-verdict is the one-example verdict, up to float rounding of the batch shape).
+The tasks come from $NANOCHAT_BASE_DIR/eval_bundle (downloaded from EVAL_BUNDLE_URL on first use:
+one process downloads under a file lock, and a cut or corrupt zip is refused before anything is
+placed), else from $NANOCHAT_BASE_DIR/eval_bundle_offline (rebuilt by `python -m dev.offline_data
+core`; its score is labelled "CORE (partial: N of 22 tasks, offline reconstruction)", never a bare
+"CORE"). README.md ("CORE") gives the bundle's layout and how an example is scored. Writes nothing
+but the downloaded bundle.
 """
 
 import csv
@@ -242,9 +224,9 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
 def evaluate_examples(indices, model, tokenizer, data, device, task_meta, pack_tokens=None):
     """
     {idx: verdict} for the given examples. pack_tokens <= 0: one forward per example (None: the
-    device's default, see default_pack_tokens). Otherwise
-    the examples are sorted by length (a window at a time) and as many as fit in pack_tokens
-    (rows x longest row) share a forward; an example larger than that still goes alone.
+    device's default, see default_pack_tokens). Otherwise the examples are sorted by length (a
+    window at a time) and as many as fit in pack_tokens (rows x longest row) share a forward (a
+    larger example goes alone).
     """
     max_len, pad = context_limit(model), tokenizer.get_bos_token_id()
     pack_tokens = default_pack_tokens(device) if pack_tokens is None else pack_tokens

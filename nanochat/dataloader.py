@@ -1,44 +1,22 @@
 """
 Pretraining data loader: parquet shards -> tokenized documents -> BOS-aligned, best-fit packed
-rows of T+1 tokens -> (inputs, targets) batches on the device.
+rows of T+1 tokens -> (inputs, targets) batches on the device, for one rank of W.
 
-Packing (upstream nanochat's best-fit packing). Documents are tokenized with BOS prepended and
-kept in a buffer of at least `buffer_size` docs. A row has room for T+1 tokens; we repeatedly
-append the longest buffered doc that still fits whole, and when none fits we append the first
-`remaining` tokens of the shortest buffered doc and drop the rest of it. So every row starts
-with BOS, no position is padding, and a doc is never split across rows (cropped tails are
-discarded). inputs = row[:-1], targets = row[1:].
+Every row starts with BOS and holds whole documents (the longest that fits, and when none fits
+the head of the shortest; its tail is dropped), so no position is padding. Rank r reads row
+groups r, r+W, r+2W, ... of every file of the split, as upstream. Each batch comes with a small
+JSON state from which the loader resumes exactly (upstream resumes approximately; its states
+still load). README.md ("The pretraining loader") describes the packing, the state and its cost.
 
-Distribution (as upstream). Rank r of W reads row groups r, r+W, r+2W, ... of every file of the
-split, in file order, forever (nanochat.dataset.iter_row_groups); `epoch` counts passes over the
-split and starts at 1.
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, "train")
+    inputs, targets, state = next(loader)
 
-Exact resume (our addition; upstream resumes approximately). The loader's whole future is fixed by
-(a) which docs sit in the buffer, in arrival order, and (b) where the stream reading stops. The
-state dict yielded with each batch records both, small and JSON-serializable: buffered docs are
-named by their (file, row group, row) position and re-read and re-tokenized on resume, instead
-of storing their tokens. A loader restored from the state yielded with batch k yields exactly
-the batches k+1, k+2, ... of the uninterrupted run. State dict keys:
-
-    pq_idx, rg_idx, epoch  file index, row group and epoch of the last doc chunk read (upstream's keys)
-    next_row               first unread row of that row group (the stream continues there)
-    rank, world_size       who wrote the state; exact resume needs the same rank and world size
-    doc_buffer             the buffered docs' positions in arrival order, as a compact string
-                           "pq:rg:row,row,...;pq:rg:row,...;..." (about 5 bytes per doc)
-
-A state without the exact keys (an upstream checkpoint; older upstream states have no "epoch"
-either, which then counts as epoch 1, as upstream reads them) or from another rank or world size
-resumes approximately like upstream: start one round of row groups past (pq_idx, rg_idx), with an
-empty buffer. Each rank's state is its own: to resume every rank exactly, a checkpoint must keep
-all ranks' states (upstream keeps only rank 0's, which the other ranks can only use approximately).
-
-Resume cost: docs longer than a row are only ever taken when they are the shortest buffered doc,
-so in a long run much of the buffer is such docs from all over the data read so far. A resume
-re-reads each row group they come from once (up to about buffer_size of them, in parallel).
+Reads $NANOCHAT_BASE_DIR/base_data/*.parquet (nanochat.dataset); writes nothing.
 """
 
 import bisect
 import concurrent.futures
+import functools
 import itertools
 import logging
 import operator
@@ -148,6 +126,10 @@ def _decode_positions(encoded):
 # Resume
 
 
+# The exact-resume state: pq_idx, rg_idx, epoch (file, row group and epoch of the last chunk read:
+# upstream's keys), next_row (the first unread row there), rank and world_size (who wrote it), and
+# doc_buffer (the buffered docs' positions in arrival order, "pq:rg:row,row,...;pq:rg:row,...",
+# about 5 bytes per doc).
 _EXACT_KEYS = ("pq_idx", "rg_idx", "epoch", "next_row", "rank", "world_size", "doc_buffer")
 
 
@@ -219,7 +201,7 @@ def _restore(state, paths, rank, world_size, tokenizer, bos, tokenizer_threads):
 
 
 def _bestfit_batches(tokenizer, B, T, paths, rank, world_size, tokenizer_threads, tokenizer_batch_size, device,
-                     resume_state_dict, buffer_size, with_state):
+                     resume_state_dict, buffer_size):
     bos = tokenizer.get_bos_token_id()
 
     if resume_state_dict is None:
@@ -277,31 +259,12 @@ def _bestfit_batches(tokenizer, B, T, paths, rank, world_size, tokenizer_threads
             if copy_done is not None:
                 copy_done.record(torch.cuda.current_stream(device))
 
-        if not with_state:
-            yield inputs, targets
-            continue
         state_dict = {
             "pq_idx": pq_idx, "rg_idx": rg_idx, "epoch": epoch, "next_row": next_row,
             "rank": rank, "world_size": world_size,
             "doc_buffer": _encode_positions(buffer.positions.values()),
         }
         yield inputs, targets, state_dict
-
-
-def _make_loader(tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device, resume_state_dict,
-                 buffer_size, data_dir, with_state):
-    """Checks the arguments now (not at the first batch) and returns the batch generator."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if min(B, T, buffer_size, tokenizer_batch_size) < 1:
-        raise ValueError(f"B, T, buffer_size and tokenizer_batch_size must be >= 1, got {B}, {T}, {buffer_size}, "
-                         f"{tokenizer_batch_size}")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"the loader's device is {device!r} but CUDA is not available; pass device='cpu'")
-    _, rank, _, world_size = get_dist_info()
-    paths = get_split_paths(split, data_dir=data_dir)
-    return _bestfit_batches(tokenizer, B, T, paths, rank, world_size, tokenizer_threads, tokenizer_batch_size,
-                            device, resume_state_dict, buffer_size, with_state)
 
 
 def tokenizing_distributed_data_loader_with_state_bos_bestfit(
@@ -319,15 +282,21 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     batch actually trained on, not the prefetched one's.
 
     data_dir overrides the shard directory (default: nanochat.dataset's $NANOCHAT_BASE_DIR/base_data).
+    The arguments are checked now, not at the first batch.
     """
-    return _make_loader(tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device,
-                        resume_state_dict, buffer_size, data_dir, with_state=True)
+    if min(B, T, buffer_size, tokenizer_batch_size) < 1:
+        raise ValueError(f"B, T, buffer_size and tokenizer_batch_size must be >= 1, got {B}, {T}, {buffer_size}, "
+                         f"{tokenizer_batch_size}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"the loader's device is {device!r} but CUDA is not available; pass device='cpu'")
+    _, rank, _, world_size = get_dist_info()
+    paths = get_split_paths(split, data_dir=data_dir)  # raises ValueError for a split other than train/val
+    return _bestfit_batches(tokenizer, B, T, paths, rank, world_size, tokenizer_threads, tokenizer_batch_size,
+                            device, resume_state_dict, buffer_size)
 
 
-def tokenizing_distributed_data_loader_bos_bestfit(
-    tokenizer, B, T, split, tokenizer_threads=4, tokenizer_batch_size=128, device="cuda",
-    resume_state_dict=None, buffer_size=1000, data_dir=None,
-):
+@functools.wraps(tokenizing_distributed_data_loader_with_state_bos_bestfit, assigned=())  # help() shows its arguments
+def tokenizing_distributed_data_loader_bos_bestfit(*args, **kwargs):
     """Like tokenizing_distributed_data_loader_with_state_bos_bestfit, yielding only (inputs, targets)."""
-    return _make_loader(tokenizer, B, T, split, tokenizer_threads, tokenizer_batch_size, device,
-                        resume_state_dict, buffer_size, data_dir, with_state=False)
+    batches = tokenizing_distributed_data_loader_with_state_bos_bestfit(*args, **kwargs)
+    return ((inputs, targets) for inputs, targets, _ in batches)

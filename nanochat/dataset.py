@@ -2,14 +2,11 @@
 Pretraining data: the parquet shards under $NANOCHAT_BASE_DIR/base_data/, how they split into
 train and val, how they are read, written, and downloaded.
 
-A shard is a parquet file with one string column `text` (one document per row), written in row
-groups of 1024 documents, zstd level 3, without dictionary encoding or statistics (upstream
-nanochat's format). The online corpus is FineWeb-Edu sample-100BT, shuffled and repackaged into
-1823 shards of ~250M characters (dev/repackage_data_reference.py).
-
-The val split is pinned to shard_01822.parquet (VAL_SHARD_INDEX); train is every other shard.
-Upstream used "whatever sorts last on disk", which moves while shards download; a fixed index
-means the tokenizer eval and base training always measure the same documents.
+A shard is a parquet file with one string column `text` (one document per row), in row groups of
+1024 documents, zstd level 3, without dictionary encoding or statistics (upstream nanochat's
+format). The online corpus is FineWeb-Edu sample-100BT, shuffled and repackaged into 1823 shards
+of ~250M characters (dev/repackage_data_reference.py). Val is pinned to shard_01822.parquet
+(VAL_SHARD_INDEX); train is every other shard.
 
 Run it:
     python -m nanochat.dataset -n 8        # train shards 0..7 plus the val shard (~900 MB)

@@ -1,55 +1,15 @@
 """
-Sandboxed execution of Python code written by an LLM (HumanEval and similar checks).
-Adapted from OpenAI human-eval (https://github.com/openai/human-eval/blob/master/human_eval/execution.py).
+Sandboxed execution of Python code written by an LLM (HumanEval's checks). Adapted from OpenAI
+human-eval (https://github.com/openai/human-eval/blob/master/human_eval/execution.py).
 
     result = execute_code("assert 1 + 1 == 2\nprint('ok')", timeout=5.0)
     result.success, result.stdout   # True, 'ok\\n'
 
-Each call starts a fresh `python -I` interpreter (this file run as a script) in a new session,
-with a scrubbed environment (PATH, LANG, HOME, OMP_NUM_THREADS only), stdin on /dev/null, and a
-private working directory that is deleted afterwards. Inside the child a small supervisor forks
-the worker that runs the program and waits for it; then whatever the program left running dies
-(killed by the kernel with the pid namespace below, or else by the supervisor, a child subreaper
-to which even processes that left the process group are reparented). The parent reads stdout
-and stderr incrementally.
-
-Which layer contains what:
-- Worker: a SIGALRM timer at `timeout` ("Execution timed out", output kept).
-- Parent: a wall-clock limit (timeout + 1 s) that SIGKILLs the whole process group; stdout and
-  stderr capped at MAX_OUTPUT_BYTES each (the child is killed past the cap, so 100 MB of output
-  never reaches the parent's memory).
-- rlimits in the worker, set before the program runs and inherited by anything it forks:
-  RLIMIT_AS/DATA/STACK = maximum_memory_bytes (MemoryError), RLIMIT_CPU (CPU seconds per
-  process), RLIMIT_NPROC (the tasks its uid already has + MAX_PROCESSES: stops fork bombs),
-  RLIMIT_FSIZE = MAX_FILE_BYTES, RLIMIT_CORE = 0.
-- Running as root: the worker drops to nobody/nogroup (65534) with no supplementary groups and
-  PR_SET_NO_NEW_PRIVS, because root ignores RLIMIT_NPROC and may write anywhere. A different uid
-  also means it cannot signal the caller. Concurrent sandboxes share that uid's process budget.
-- Linux namespaces, when `unshare` (util-linux) can make them (probed once per process):
-  * network: a new network namespace with only a downed loopback, so no TCP/UDP connection and
-    no abstract unix socket reaches the host;
-  * pid: the supervisor is pid 1 of a new pid namespace; when it exits, the kernel kills every
-    process the program left behind (even ones that left the process group), and the caller's
-    processes are invisible (a private /proc);
-  * mount (root only): the whole filesystem is remounted read-only and nosuid; /tmp, /var/tmp,
-    /dev/shm and any directory the sandbox uid could not search (e.g. a 0700 /root holding the
-    Python install) are replaced by empty tmpfs holding only bind mounts of what the interpreter
-    needs; the working directory is a fresh tmpfs of WORK_DIR_BYTES and WORK_DIR_FILES (gone with
-    the namespace). So the program can write only there, and cannot read the host's temp files
-    or the caller's home.
-  As root they come from `unshare --mount --net --pid --ipc --uts`; as another user from
-  `unshare --user --mount --net --pid --ipc` (an unprivileged user namespace), where the
-  filesystem is left as that user's permissions allow.
-- In-child guard (defence in depth only; ctypes or the `posix` module get around it): os.system,
-  os.kill, os.fork, the exec/spawn family, file removal and renaming, subprocess.Popen,
-  shutil.rmtree etc. are set to None, as in human-eval. Without a network namespace (macOS,
-  containers that forbid unshare) the guard also replaces the socket constructors; that
-  fallback is best effort, and there the pid and filesystem isolation above are absent too (a
-  process that leaves the group and outlives a timeout survives, within its CPU limit; as root,
-  the Python install must then be readable by uid 65534).
-
-Only Linux has the namespace layers; elsewhere the rlimits and the guard remain (RLIMIT_AS is
-skipped on macOS, where it fails). A program can still fake success with os._exit(0).
+Each call runs the program in a fresh `python -I` (this file run as a script) with a scrubbed
+environment, in a private working directory that is deleted afterwards: under a timeout, capped
+output and rlimits, as uid nobody when the caller is root, and on Linux in network, pid and mount
+namespaces where `unshare` can make them. README.md ("The code sandbox") says what each layer
+contains and what it does not.
 """
 
 import ctypes
@@ -237,7 +197,7 @@ def execute_code(
     maximum_memory_bytes: Optional[int] = 256 * 1024 * 1024,  # address-space limit; None disables it
 ) -> ExecutionResult:
     """
-    Run `code` as a Python program in the sandbox described at the top of this file.
+    Run `code` as a Python program in the sandbox.
     success is True when the program ran to its end (SystemExit counts as a failure, as in
     human-eval); error is the exception line ("AssertionError", "NameError: name 'x' is not
     defined"), a timeout or memory message, or what else stopped it.

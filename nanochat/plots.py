@@ -6,19 +6,12 @@ PNG plots of pretraining runs and of the orchestrators' results:
     python -m nanochat.plots $NANOCHAT_BASE_DIR/jan11_miniseries_results/results.csv
         val bpb and CORE against parameters and training FLOPs, one point per depth
     python -m nanochat.plots $NANOCHAT_BASE_DIR/scaling_laws_results_jan26/results.csv
-        the IsoFLOP valleys (val bpb against parameters at each budget) with the fitted optimum of
-        each budget and the tokens:params ratio there, and the optima against compute
+        the IsoFLOP valleys with each budget's fitted optimum and its tokens:params ratio, and the
+        optima against compute (README.md, "Workflows", says how they are fitted)
 
 Writes beside the input unless --output-dir is given; prints the paths. Needs matplotlib
-(`pip install -e '.[plots]'`). The fits are plain numpy, usable without matplotlib:
-fit_isoflop_valley, isoflop_optima, fit_power_law. plots_markdown(dir) is the report's list of
-the PNGs in a directory.
-
-The IsoFLOP analysis: at a fixed budget C, val bpb against log10(N) is close to a parabola (too
-small a model underfits, too big a one sees too few tokens); its vertex is the compute-optimal
-size N*(C). N counts the scaling parameters (transformer matrices + lm_head, what base_train's
-horizon uses). The tokens at N* come from the runs of that budget (log tokens is linear in
-log N at fixed C), and N* and D* against C fit power laws N* ~ C^a, D* ~ C^b.
+(`pip install -e '.[plots]'`); the fits (fit_isoflop_valley, isoflop_optima, fit_power_law) are
+plain numpy. plots_markdown(dir) is the report's list of the PNGs in a directory.
 """
 
 import argparse

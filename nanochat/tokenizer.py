@@ -47,11 +47,26 @@ TOKEN_BYTES_FILE = "token_bytes.pt"
 # Conversation rendering, shared by both tokenizer classes
 
 
+def _checked_content(index, role, content):
+    if role == "assistant" and isinstance(content, list):  # parts: text, a python call, its output
+        for j, part in enumerate(content):
+            where = f"message {index}, part {j}"
+            if not isinstance(part, dict):
+                raise ValueError(f"{where}: a part must be a dict with 'type' and 'text', got {type(part).__name__}")
+            if part.get("type") not in ("text", "python", "python_output"):
+                raise ValueError(f"{where}: unknown part type {part.get('type')!r} "
+                                 "(expected 'text', 'python' or 'python_output')")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: part 'text' must be a string")
+    elif not isinstance(content, str):
+        allowed = "a string or a list of parts" if role == "assistant" else "a string"
+        raise ValueError(f"message {index}: {role} content must be {allowed}, got {type(content).__name__}")
+
+
 def _checked_messages(conversation):
     """
-    Validate a conversation and fold a leading system message into the first user message.
-    Returns [(original_message_index, role, content)] strictly alternating user, assistant, ...
-    Raises ValueError naming the offending message index and the problem.
+    Validate a conversation: returns [(message index, role, content)] alternating user, assistant, ...
+    with a leading system message folded into the first user turn. ValueError names the bad message.
     """
     messages = conversation.get("messages") if isinstance(conversation, dict) else None
     if not isinstance(messages, list) or not messages:
@@ -60,39 +75,18 @@ def _checked_messages(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i}: must be a dict with 'role' and 'content'")
     turns = [(i, m["role"], m["content"]) for i, m in enumerate(messages)]
-
-    if turns[0][1] == "system":
-        if not isinstance(turns[0][2], str):
-            raise ValueError(f"message 0: system content must be a string, got {type(turns[0][2]).__name__}")
-        if len(turns) < 2 or turns[1][1] != "user":
-            got = repr(turns[1][1]) if len(turns) > 1 else "nothing"
-            raise ValueError(f"message 0: a system message must be followed by a user message, got {got}")
-        if not isinstance(turns[1][2], str):
-            raise ValueError(f"message 1: user content must be a string, got {type(turns[1][2]).__name__}")
-        # The model has no system role: the system prompt becomes the head of the first user turn.
-        turns = [(1, "user", turns[0][2] + "\n\n" + turns[1][2])] + turns[2:]
-
-    for position, (index, role, content) in enumerate(turns):
-        expected = "user" if position % 2 == 0 else "assistant"
+    system = turns[0][1] == "system"
+    if system and (len(turns) < 2 or turns[1][1] != "user"):
+        got = repr(turns[1][1]) if len(turns) > 1 else "nothing"
+        raise ValueError(f"message 0: a system message must be followed by a user message, got {got}")
+    expected_roles = (["system"] if system else []) + ["user", "assistant"] * len(turns)
+    for (index, role, content), expected in zip(turns, expected_roles):
         if role != expected:
-            where = "only allowed as the first message" if role == "system" else "roles must alternate user, assistant, ..."
-            raise ValueError(f"message {index}: expected role {expected!r}, got {role!r} ({where})")
-        if role == "user" and not isinstance(content, str):
-            raise ValueError(f"message {index}: user content must be a string, got {type(content).__name__}")
-        if role == "assistant":
-            if isinstance(content, list):
-                for j, part in enumerate(content):
-                    if not isinstance(part, dict):
-                        raise ValueError(f"message {index}, part {j}: a part must be a dict with 'type' and 'text', "
-                                         f"got {type(part).__name__}")
-                    if part.get("type") not in ("text", "python", "python_output"):
-                        raise ValueError(f"message {index}, part {j}: unknown part type {part.get('type')!r} "
-                                         "(expected 'text', 'python' or 'python_output')")
-                    if not isinstance(part.get("text"), str):
-                        raise ValueError(f"message {index}, part {j}: part 'text' must be a string")
-            elif not isinstance(content, str):
-                raise ValueError(f"message {index}: assistant content must be a string or a list of parts, "
-                                 f"got {type(content).__name__}")
+            why = "only allowed as the first message" if role == "system" else "roles must alternate user, assistant, ..."
+            raise ValueError(f"message {index}: expected role {expected!r}, got {role!r} ({why})")
+        _checked_content(index, role, content)
+    if system:  # the model has no system role: the system prompt becomes the head of the first user turn
+        turns = [(1, "user", turns[0][2] + "\n\n" + turns[1][2])] + turns[2:]
     return turns
 
 
@@ -141,9 +135,7 @@ class ConversationRendering:
 
     def render_for_completion(self, conversation):
         """Prompt ids for sampling (RL, evaluation): drop the final assistant message, render, append <|assistant_start|>."""
-        messages = conversation.get("messages") if isinstance(conversation, dict) else None
-        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
-                or messages[-1].get("role") != "assistant":
+        if _checked_messages(conversation)[-1][1] != "assistant":
             raise ValueError("render_for_completion needs a conversation whose last message is the assistant's")
         conversation = copy.deepcopy(conversation)
         conversation["messages"].pop()

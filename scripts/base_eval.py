@@ -1,6 +1,6 @@
 """
 The CORE metric of a base model: the 22 in-context-learning tasks of the DCLM eval bundle, each
-accuracy centered by its random baseline, averaged (see nanochat/core_eval.py for the scoring).
+accuracy centered by its random baseline, averaged (nanochat/core_eval.py scores them).
 
 Run it:
     python -m scripts.base_eval                                     # largest base model, last step
@@ -9,10 +9,9 @@ Run it:
     python -m scripts.base_eval --hf-path=openai-community/gpt2     # an HF model (needs transformers)
     python -m scripts.base_eval --hf-path=/path/to/exported_model   # the same from a local directory (offline)
 
-Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<tag>/ and the tokenizer, and the eval bundle:
-       $NANOCHAT_BASE_DIR/eval_bundle (downloaded on first use), else the offline reconstruction
-       in $NANOCHAT_BASE_DIR/eval_bundle_offline that `python -m dev.offline_data core` builds;
-       its score is labelled "CORE (partial: N of 22 tasks, offline reconstruction)".
+Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<tag>/, the tokenizer and the eval bundle (downloaded on
+       first use, else the offline reconstruction, whose score is labelled "CORE (partial: N of 22
+       tasks, offline reconstruction)"; README.md, "CORE").
 Writes $NANOCHAT_BASE_DIR/base_eval/<model_slug>.csv (Task, Accuracy, Centered; last row the
        CORE metric) and the "Base model evaluation" section of the report.
 """

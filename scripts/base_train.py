@@ -1,9 +1,7 @@
 """
-Pretrain a base model on the FineWeb-Edu shards (or the offline corpus).
-
-One dial, --depth, sets the model: width = depth * aspect_ratio nudged up to a multiple of
---head-dim, heads = width / head_dim. Learning rates, weight decay and the training horizon are
-derived from it as printed at start-up.
+Pretrain a base model on the FineWeb-Edu shards (or the offline corpus). One dial, --depth, sets
+the model (width = depth * aspect_ratio nudged up to a multiple of --head-dim, heads = width /
+head_dim); the learning rates, weight decay and horizon derived from it are printed at start-up.
 
 Run it:
     python -m scripts.base_train --depth=12                                   # one GPU
@@ -12,18 +10,11 @@ Run it:
         --eval-tokens=512 --core-metric-every=-1 --total-batch-size=512 --num-iterations=20   # CPU
     python -m scripts.base_train --depth=4 ... --resume-from-step=10          # continue a run
 
-The model and the optimizer kernels are torch.compile'd (the first step pays for it: ~25 s for
-the CPU example); NANOCHAT_COMPILE=0 runs eagerly.
-
-Reads  $NANOCHAT_BASE_DIR/base_data/*.parquet and $NANOCHAT_BASE_DIR/tokenizer/.
-Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.*, the run summary
-summary.json beside them (sizes, horizon, loss/bpb/CORE histories, wall time: what miniseries.sh,
-scaling_laws.sh and nanochat.plots read; see nanochat/run_summary.py) and the "Base model
-training" section of the report.
-
-CORE during training (--core-metric-every, on by default only on CUDA) needs nanochat/core_eval.py
-and the eval bundle ($NANOCHAT_BASE_DIR/eval_bundle, or the offline copy made by
-`python -m dev.offline_data core`).
+Reads  $NANOCHAT_BASE_DIR/base_data/*.parquet, tokenizer/, and the CORE eval bundle when
+       --core-metric-every is on (by default only on CUDA; README.md, "CORE").
+Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.*, summary.json beside
+       them (what miniseries.sh, scaling_laws.sh and nanochat.plots read: nanochat/run_summary.py)
+       and the "Base model training" report section.
 """
 
 import os

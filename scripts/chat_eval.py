@@ -1,14 +1,7 @@
 """
-Evaluate a chat model (midtrained, SFT or RL) on the chat tasks and compute ChatCORE.
-
-    categorical  ARC-Easy, ARC-Challenge, MMLU: one forward per batch of prompts; the answer is
-                 the answer letter with the highest logit at the last prompt position
-    generative   GSM8K, HumanEval, SpellingBee: sample num_samples completions per problem with
-                 the Engine (calculator tool on); a problem passes if any sample passes (pass@n)
-
-ChatCORE, when all six default tasks ran, is the mean over tasks of the accuracy centered by the
-task's chance level: (accuracy - baseline) / (1 - baseline), baseline 0.25 for the 4-choice
-tasks and 0 for the generative ones. So 0 is chance and 1 is perfect on every task.
+Evaluate a chat model (midtrained, SFT or RL) on the chat tasks and compute ChatCORE: ARC-Easy,
+ARC-Challenge and MMLU by the answer letter's logit, GSM8K, HumanEval and SpellingBee by sampled
+completions (pass@n, calculator on). README.md ("Phases") defines ChatCORE.
 
 Run it:
     python -m scripts.chat_eval -i sft                                   # all six tasks and ChatCORE

@@ -1,16 +1,7 @@
 """
-Reinforcement learning on GSM8K: on-policy REINFORCE with a mean baseline, starting from the SFT
-model (upstream nanochat calls it "GRPO"; it keeps none of GRPO's reference model, KL term, PPO
-ratio or clipping, and does not divide the advantage by the reward's std).
-
-Per optimizer step, --examples-per-step questions (over all ranks, strided: rank r takes every
-W-th one) are answered --num-samples times each by the current model. A sample earns reward 1 when
-its "#### <number>" matches the reference answer, else 0; its advantage is its reward minus the
-mean reward of its question. The loss is -sum(advantage * log p(token)) over the sampled tokens,
-divided by the number of sampled tokens (DAPO-style token-level normalization). Prompt tokens and
-the calculator's output (forced by the Engine, not sampled) are never trained on. The LR decays
-linearly to 0 over the run. pass@1..k on the first --eval-examples GSM8K test problems
-(k = --device-batch-size samples each) is printed at step 0 and every --eval-every steps.
+Reinforcement learning on GSM8K from the SFT model: on-policy REINFORCE with a mean baseline
+(upstream's "GRPO"; README.md, "How RL trains"). Each step samples --num-samples answers to
+--examples-per-step questions, rewards a correct "#### <number>" and trains on the sampled tokens.
 
 Run it:
     python -m scripts.chat_rl                                             # one GPU, from the SFT model
@@ -19,29 +10,10 @@ Run it:
         --device-batch-size=4 --max-new-tokens=64 --num-steps=10 --eval-every=5 --eval-examples=8   # CPU
     python -m scripts.chat_rl ... --save-every=5 --resume-from-step=5     # continue a run
 
-Rollouts: the prompt of a question is prefilled once and its --num-samples continuations are
-decoded together (Engine.generate_batch), with the seed hash((step, question index, 0)) &
-0x7FFFFFFF; training then runs them in passes of --device-batch-size rows. Upstream decodes in
-num_samples / device_batch_size batches, one prefill and seed (sampling_step = 0, 1, ...) each.
-Those seeds are the only randomness, so a resumed run samples exactly what an uninterrupted run
-does and needs no saved RNG state.
-
-Checkpoints: model_<S>.pt holds the weights after the update of step S (upstream's numbering),
-saved every --save-every steps and after the last step, with every rank's optimizer shard and the
-position of the next question, so --resume-from-step=S continues with step S+1, also on another
-number of ranks (the optimizer state is re-sharded).
-
-The compute dtype comes from -d/--dtype or NANOCHAT_DTYPE (bf16 on SM80+ GPUs, else fp32).
-
-Step line: mean reward and sequence length over all ranks, the LR multiplier, the step's time
-split into rollout (sampling and reward) and training (forward/backward and update), tok/sec
-(tokens through the training forward pass, all ranks, per second of the step) and MFU.
-
-Reads  $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/ (--source sft; mid: mid_checkpoints),
-       task_data/openai--gsm8k/main/{train,test}/ (downloaded on first use; offline the copies of
-       `python -m dev.offline_data tasks`, whose train split is a labelled substitute) and tokenizer/.
+Reads  $NANOCHAT_BASE_DIR/chatsft_checkpoints/ (--source mid: mid_checkpoints/), tokenizer/ and
+       task_data/openai--gsm8k/ (offline: the labelled copies of `python -m dev.offline_data tasks`).
 Writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model-tag or d<depth>>/{model,meta,optim}_<step>.*
-       and the "Chat RL" section of the report.
+       and the "Chat RL" report section.
 """
 
 import os

@@ -1,6 +1,7 @@
 """
 Supervised fine-tuning (SFT): train the midtrained (or base) model on a small curated mixture of
-conversations, with the loss only on what the assistant says.
+conversations, one per row, with the loss only on what the assistant says (upstream's recipe of
+January 2026; README.md, "Phases", lists the mixture, the schedule and later upstream's flags).
 
 Run it:
     python -m scripts.chat_sft                                                  # one GPU
@@ -8,23 +9,6 @@ Run it:
     python -m scripts.chat_sft --device-type=cpu --device-batch-size=4 --target-examples-per-step=16 \
         --num-iterations=100 --eval-every=50 --eval-steps=8 --eval-metrics-every=-1   # CPU
     python -m scripts.chat_sft ... --save-every=50 --resume-from-step=50          # continue a run
-
-Recipe (upstream's, Jan 2026): training mixture ARC-Easy train, ARC-Challenge train, GSM8K main
-train, the first 10K of SmolTalk train, the identity conversations, SimpleSpelling (300) and
-SpellingBee (300); validation SmolTalk test. One conversation per row, each micro-batch padded to
-its longest row; the targets are exactly the tokens render_conversation's mask marks as the
-assistant's. LR = init_lr_frac x the phase LRs, then warmup / flat / linear warmdown to
-final_lr_frac (the defaults give upstream's linear decay from the first step to 0). Every
---eval-every steps the validation loss, every --eval-metrics-every steps MMLU and ARC-Easy
-accuracy (tasks.evaluation.run_chat_eval). The model is not compiled (row lengths vary).
-
-Flags from later upstream, with this recipe's defaults where the two differ: --load-optimizer
-(later upstream: 1; here 0, as the recipe), --mmlu-epochs (3; here 0: midtraining already trains
-on MMLU), --gsm8k-epochs (4; here 1), --warmup-ratio (0), --warmdown-ratio (0.5; here 1.0, the
-recipe's decay over the whole run), --init-lr-frac (0.8; here 0.02), --final-lr-frac (0).
-
-Offline (no hub), the copies `python -m dev.offline_data tasks` builds stand in; the start-up lists
-each part with its row count and whether it is a substitute or missing, and the report says so.
 
 Reads  $NANOCHAT_BASE_DIR/<mid|base>_checkpoints/<model-tag>/, tokenizer/, task_data/,
        identity_conversations.jsonl (else a small offline identity set, labelled), words_alpha.txt.

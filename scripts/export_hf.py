@@ -1,5 +1,7 @@
 """
 Export a nanochat checkpoint to a Hugging Face transformers model directory, or import one back.
+The export loads with transformers alone (pip install 'nanochat[hf]'); README.md ("Export to
+Hugging Face") shows how, and how to run lm-evaluation-harness on it.
 
 Run it (CPU is enough: nothing is computed but a format change):
     python -m scripts.export_hf -i sft --output hf/d20-sft                  # largest sft model, last step
@@ -7,19 +9,11 @@ Run it (CPU is enough: nothing is computed but a format change):
     python -m scripts.export_hf -i sft --output hf/d20-sft --force          # replace an earlier export
     python -m scripts.export_hf --import hf/d20-sft -i sft -g d20-tuned     # back to a nanochat checkpoint
 
-The export directory loads with transformers alone (pip install 'nanochat[hf]' brings
-transformers, safetensors and tokenizers; nanochat itself is not needed there):
-    model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(DIR)
-and lm-evaluation-harness runs on it (see README.md, "Export to Hugging Face").
-
 Reads  $NANOCHAT_BASE_DIR/<phase>_checkpoints/<tag>/, the tokenizer, and report/*.md if present.
-Writes DIR/: model.safetensors (the state dict as saved, key for key), config.json,
-configuration_nanochat_gpt.py and modeling_nanochat_gpt.py (our architecture, copied from
-scripts/hf_export/), generation_config.json, tokenizer.json + tokenizer_config.json (with the chat
-template) and README.md (a model card with the report's numbers). Everything is written into a
-temporary directory beside DIR and renamed into place at the end, so DIR is complete or absent.
---import writes <phase>_checkpoints/<tag>/model_<step>.pt and meta_<step>.json (no optimizer).
+Writes DIR/: model.safetensors, config.json, our modeling code (from scripts/hf_export/), generation
+       and tokenizer files (with the chat template) and a model card; built in a temporary directory
+       beside DIR and renamed into place, so DIR is complete or absent. --import writes
+       <phase>_checkpoints/<tag>/model_<step>.pt and meta_<step>.json (no optimizer).
 """
 
 import argparse

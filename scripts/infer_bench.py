@@ -1,30 +1,19 @@
 """
 Inference benchmark: the Engine (KV cache, one prefill, batched decode) against the naive
-model.generate (the whole sequence re-run for every token), on any device.
+model.generate (the whole sequence re-run for every token), on any device. It measures time to
+first token, median time per output token and decode tokens/s at batch 1 and each --batch-sizes
+entry, and checks that at temperature 0 the Engine gives exactly the naive tokens; on CUDA it adds
+weight and KV-cache bytes, MBU, MFU and peak memory. README.md ("Talk to the model", end) explains
+the numbers.
 
-Per run it measures the time to first token (TTFT: the prefill plus the first sample), the
-median time per output token after that (TPOT) and decode tokens/s, for batch 1 and for each
---batch-sizes entry (N samples of one prompt decoded together), and checks that at temperature
-0 the Engine gives exactly the naive tokens. On CUDA it adds the static card: weight bytes,
-KV-cache bytes per token and read per step, MBU (bytes a decode step must move over TPOT, as a
-fraction of peak bandwidth), MFU, and peak memory.
-
-Decode re-reads every weight and the KV cache to do little math per token, so it is bound by
-memory bandwidth (or, on CPU, by per-op overhead) and extra rows are nearly free until compute
-saturates: the time of N samples over the time of one says how close to free.
-
-Run it:
+Run it (one process, not under torchrun):
     python -m scripts.infer_bench -i base -g d12                                  # a checkpoint, one GPU
     python -m scripts.infer_bench -i sft --batch-sizes 1,4,16,64 --decode-tokens 512
     python -m scripts.infer_bench --depth 4 --prompt-tokens 64 --decode-tokens 128 --device-type cpu
                                                 # a random-init d4 model: no checkpoint, no tokenizer
 
-On a CPU a decode step of a small model is a few hundred tiny ops, so where waking a worker
-thread is slow (a shared or virtualised machine) thread hand-offs can dominate: if the numbers
-look noisy, compare with OMP_NUM_THREADS=1.
-
-One process (not under torchrun). Reads a checkpoint and the tokenizer unless --depth is given.
-Writes nothing; the last stdout line is one JSON document with every number.
+Reads a checkpoint and the tokenizer unless --depth is given. Writes nothing; the last stdout line
+is one JSON document with every number. On a CPU with noisy numbers, compare with OMP_NUM_THREADS=1.
 """
 
 import argparse
@@ -36,7 +25,7 @@ import time
 import torch
 
 from nanochat.common import (
-    COMPUTE_DTYPE, ConfigError, autodetect_device_type, compute_init, get_peak_bandwidth, get_peak_flops, parse_flags,
+    COMPUTE_DTYPE, ConfigError, autodetect_device_type, compute_init, get_peak_flops, parse_flags,
     run_script,
 )
 from nanochat.engine import Engine
@@ -254,6 +243,26 @@ def clamp_prompt_tokens(args, sequence_len):
     if prompt_len < args.prompt_tokens:
         print(f"note: clamping the prompt to {prompt_len} tokens so prompt + decode fits sequence_len={sequence_len}")
     return prompt_len
+
+
+# Peak memory bandwidth in bytes/s (HBM, as the vendors state it). Order matters: more specific names first.
+_PEAK_BANDWIDTH = [
+    (("h200",), 4.8e12),
+    (("h100 nvl",), 3.9e12),
+    (("h100 pcie",), 2.0e12),
+    (("h100",), 3.35e12),  # SXM
+    (("a100",), 2.0e12),  # 80 GB SXM (2.04e12); the 40 GB part has 1.56e12
+]
+
+
+def get_peak_bandwidth(device_name):
+    """Peak memory bandwidth (bytes/s) of a GPU by its name, for MBU. Unknown devices give inf (MBU reads 0)."""
+    name = device_name.lower()
+    for patterns, bandwidth in _PEAK_BANDWIDTH:
+        if any(pattern in name for pattern in patterns):
+            return bandwidth
+    print(f"note: peak memory bandwidth unknown for {device_name!r}: MBU will read 0")
+    return float("inf")
 
 
 def gpu_card(model, device, prompt_len, decode_tokens):

