@@ -25,7 +25,6 @@ apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat
 import argparse
 import time
 
-import torch
 
 from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, autodetect_device_type, compute_cleanup, compute_init, parse_flags, print0, run_script,
