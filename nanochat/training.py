@@ -204,8 +204,12 @@ def manage_garbage_collection(step, first_step):
         gc.collect()
 
 
-def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """The LR schedule of base_train and chat_sft: linear warmup, flat, then linear warmdown to final_lr_frac."""
+# -----------------------------------------------------------------------------
+# Schedules: each returns the multiplier of every group's initial LR at a step
+
+
+def warmup_warmdown_lr(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """base_train and chat_sft: linear warmup, flat, then linear warmdown to final_lr_frac."""
     warmup_iters = round(warmup_ratio * num_iterations)
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if it < warmup_iters:
@@ -214,6 +218,16 @@ def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_fra
         return 1.0
     progress = (num_iterations - it) / warmdown_iters
     return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def late_decay_lr(progress):
+    """mid_train, by the fraction of its data consumed: flat for the first 80%, then linear to 0."""
+    return 1.0 if progress < 0.8 else max(0.0, 1 - (progress - 0.8) / 0.2)
+
+
+def linear_decay_lr(step, num_steps):
+    """chat_rl: linear from 1 at the first step to 0 at the end."""
+    return 1.0 - step / num_steps
 
 
 def muon_momentum(it):

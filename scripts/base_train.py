@@ -47,7 +47,7 @@ from nanochat.run_summary import history_before, read_summary, summary_path, wri
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
     ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, WINDOW_PATTERN, add_keep_checkpoints_flag, build_model, init_runtime, init_wandb,
-    lr_multiplier,
+    warmup_warmdown_lr,
     manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights,
 )
 
@@ -406,7 +406,7 @@ def build_run_summary(args, model, plan, loop, history, runtime, mfu, peak_memor
 
 def set_schedules(optimizer, step, plan, args):
     """LR multiplier for every group; Muon's momentum warmup and linearly decaying weight decay. Returns the LR multiplier."""
-    lrm = lr_multiplier(step, plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    lrm = warmup_warmdown_lr(step, plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":

@@ -40,7 +40,7 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import init_runtime, init_wandb, synchronize, update_weights
+from nanochat.training import init_runtime, init_wandb, linear_decay_lr, synchronize, update_weights
 from scripts.chat_training import (
     add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer, load_resume_optimizer,
     phase_parser,
@@ -346,7 +346,7 @@ def train_step(model, engine, tokenizer, task, optimizer, scaler, loop, plan, ar
         generated_tokens += batch.num_generated
 
     t0 = time.time()
-    lrm = 1.0 - step / plan.num_steps
+    lrm = linear_decay_lr(step, plan.num_steps)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
     update_weights(model, optimizer, scaler, runtime.ddp)

@@ -37,7 +37,7 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import init_runtime, init_wandb, lr_multiplier, manage_garbage_collection, synchronize, update_weights
+from nanochat.training import init_runtime, init_wandb, warmup_warmdown_lr, manage_garbage_collection, synchronize, update_weights
 from scripts.chat_training import (
     MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
     check_resume_step, load_mixture, load_resume_checkpoint, load_resume_optimizer,
@@ -240,7 +240,7 @@ def main(argv=None):
             num_positions += inputs.numel()
         if runtime.ddp:
             dist.all_reduce(num_tokens, op=dist.ReduceOp.SUM)
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        lrm = warmup_warmdown_lr(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
         update_weights(model, optimizer, scaler, runtime.ddp)

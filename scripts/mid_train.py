@@ -38,7 +38,9 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import init_runtime, init_wandb, manage_garbage_collection, muon_momentum, synchronize, update_weights
+from nanochat.training import (
+    init_runtime, init_wandb, late_decay_lr, manage_garbage_collection, muon_momentum, synchronize, update_weights,
+)
 from scripts.chat_training import (
     MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
     check_resume_step, load_mixture, load_resume_checkpoint, load_resume_optimizer,
@@ -113,11 +115,6 @@ def plan_batches(args, model, world_size):
     print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
     print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
     return Plan(args.total_batch_size, grad_accum_steps, eval_steps, model.estimate_flops())
-
-
-def lr_multiplier(progress):
-    """Flat for the first 80% of the progress, then linear to 0."""
-    return 1.0 if progress < 0.8 else max(0.0, 1 - (progress - 0.8) / 0.2)
 
 
 @dataclass
@@ -214,7 +211,7 @@ def main(argv=None):
             (scaler.scale(loss) if scaler else loss).backward()
             consumed_loader_state = next_loader_state
             x, y, next_loader_state = next(train_loader)  # prefetch while the device works
-        lrm = lr_multiplier(loop.progress)
+        lrm = late_decay_lr(loop.progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":

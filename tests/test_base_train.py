@@ -5,7 +5,6 @@ with SIGKILL and resumed from its last checkpoint continues with exactly the sam
 Also scripts/base_loss.py on the model trained here: its bpb, report section and error messages.
 """
 
-import gc
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from conftest import (
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
 from scripts.base_train import (
-    auto_total_batch_size, lr_multiplier, manage_garbage_collection, model_config_for_args, muon_momentum, parse_args,
+    auto_total_batch_size, model_config_for_args, parse_args,
     scaling_params,
 )
 
@@ -227,22 +226,3 @@ def test_auto_batch_size_follows_the_power_lines_rule():
         with torch.device("meta"):
             params = scaling_params(GPT(config))
         assert auto_total_batch_size(args, params, 32768)[0] == batch, depth
-
-
-def test_gc_is_frozen_after_the_first_step_of_a_resumed_run_too():
-    assert gc.isenabled()
-    try:
-        manage_garbage_collection(step=8, first_step=8)  # a run resumed at step 8
-        assert not gc.isenabled() and gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-        gc.enable()
-
-
-def test_lr_schedule_is_flat_then_linear_warmdown():
-    N = 100
-    assert [lr_multiplier(it, N, 0.0, 0.5, 0.0) for it in (0, 25, 50)] == [1.0, 1.0, 1.0]
-    assert lr_multiplier(75, N, 0.0, 0.5, 0.0) == pytest.approx(0.5)
-    assert lr_multiplier(100, N, 0.0, 0.5, 0.1) == pytest.approx(0.1)
-    assert [lr_multiplier(it, N, 0.1, 0.5, 0.0) for it in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert (muon_momentum(0), muon_momentum(150), muon_momentum(300), muon_momentum(5000)) == pytest.approx((0.85, 0.90, 0.95, 0.95))
