@@ -7,8 +7,6 @@ nanochat.training.init_runtime.
                                       the flags all three phases have, with the same names and help
     load_source_model(source, ...)    the checkpoint a phase starts from; missing = which phase to run
     build_optimizer(args, model)      Muon + AdamW with every LR scaled by --init-lr-frac
-    load_mixture(title, parts)        a TaskMixture of named parts, printed once with row counts and
-                                      which parts are offline substitutes or missing
     save_resumable_checkpoint / load_resume_checkpoint
                                       weights, every rank's optimizer shard, every rank's loader
                                       state, the RNG and the loop state; a resume on another number
@@ -21,8 +19,6 @@ import base64
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,8 +32,6 @@ from nanochat.common import ConfigError, MissingInputError, print0
 from nanochat.gpt import GPTConfig
 from nanochat.precision import add_dtype_flag
 from nanochat.training import add_keep_checkpoints_flag
-from tasks.common import TaskMixture
-from tasks.provenance import data_source
 
 
 
@@ -112,65 +106,6 @@ def build_optimizer(args, model):
         group["lr"] = group["lr"] * args.init_lr_frac
         group["initial_lr"] = group["lr"]  # the schedules scale this
     return optimizer
-
-
-# -----------------------------------------------------------------------------
-# Mixtures, and where their data comes from
-
-
-@dataclass
-class MixturePart:
-    name: str  # as printed, e.g. "SmolTalk train"
-    build: Callable  # () -> Task; raises MissingInputError when the data is not there
-    data: object = None  # the hub split (repo_id, subset, split), WORD_LIST_FILENAME, or None
-    copies: int = 1  # times the part is in the mixture (oversampling)
-
-
-@dataclass
-class Mixture:
-    task: TaskMixture
-    lines: list  # the printed summary, one line per part
-
-
-def _substitute_of(part, task):
-    """What stands in for the real data of a part (the offline builder's label), or None for the real data."""
-    if getattr(task, "substitute", None):
-        return task.substitute
-    source = data_source(part.data) if part.data is not None else None
-    return source.substitute if source else None
-
-
-def load_mixture(title, parts):
-    """
-    The TaskMixture of every part whose data is there. Prints (rank 0) one line per part: rows,
-    and SUBSTITUTE with the builder's label where offline data stands in for the real split, or
-    MISSING with the reason; a mixture with no data at all is a MissingInputError.
-    """
-    tasks, lines = [], []
-    for part in parts:
-        if part.copies < 1:
-            continue  # e.g. --mmlu-epochs=0
-        copies = f" x{part.copies}" if part.copies > 1 else ""
-        try:
-            task = part.build()
-        except MissingInputError as error:
-            lines.append(f"{part.name}{copies}: MISSING, left out ({error})")
-            continue
-        substitute = _substitute_of(part, task)
-        lines.append(f"{part.name}{copies}: {len(task):,} rows" + (f", SUBSTITUTE: {substitute}" if substitute else ""))
-        tasks += [task] * part.copies
-    mixture = TaskMixture(tasks)
-    print0(f"{title}: {len(mixture):,} rows")
-    for line in lines:
-        print0(f"  {line}")
-    if len(mixture) == 0:
-        raise MissingInputError(f"the {title.lower()} has no data: download the task data, or without internet build "
-                                "the offline copies with `python -m dev.offline_data tasks`")
-    return Mixture(mixture, lines)
-
-
-def mixture_markdown(title, mixture):
-    return f"### {title} ({len(mixture.task):,} rows)\n" + "".join(f"- {line}\n" for line in mixture.lines)
 
 
 # -----------------------------------------------------------------------------

@@ -42,12 +42,13 @@ from nanochat.training import (
     init_runtime, init_wandb, late_decay_lr, manage_garbage_collection, muon_momentum, synchronize, update_weights,
 )
 from scripts.chat_training import (
-    MixturePart, add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
-    check_resume_step, load_mixture, load_resume_checkpoint, load_resume_optimizer,
-    load_source_model, mixture_markdown, phase_parser, restore_loop_state, save_resumable_checkpoint,
+    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
+    check_resume_step, load_resume_checkpoint, load_resume_optimizer,
+    load_source_model, phase_parser, restore_loop_state, save_resumable_checkpoint,
     synchronize_flags,
 )
 from tasks.gsm8k import GSM8K
+from tasks.mixtures import MixturePart, load_mixture, mixture_markdown
 from tasks.identity import identity_conversations
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
