@@ -39,6 +39,48 @@ CSV_COLUMNS = {
 }
 
 
+def base_run_summary(args, model, plan, loop, history, runtime, mfu, peak_memory_mib, completed, core_label):
+    """The summary of a base_train run so far, from its flags, model, plan, loop state and histories."""
+    counts = model.num_scaling_params()
+    return {
+        "version": SUMMARY_VERSION,
+        "completed": completed,
+        "model_tag": args.model_tag or f"d{args.depth}",
+        "depth": args.depth,
+        "model_dim": model.config.n_embd,
+        "num_heads": model.config.n_head,
+        "vocab_size": model.config.vocab_size,
+        "max_seq_len": args.max_seq_len,
+        "param_counts": counts,
+        "num_params": counts["total"],
+        "num_scaling_params": plan.num_scaling_params,
+        "flops_per_token": plan.flops_per_token,
+        "total_batch_size": plan.total_batch_size,
+        "num_iterations": plan.num_iterations,
+        "tokens_trained": plan.total_tokens,
+        "param_data_ratio": plan.total_tokens / plan.num_scaling_params,
+        "total_training_flops": plan.flops_per_token * plan.total_tokens,
+        "target_flops": args.target_flops if args.target_flops > 0 else None,
+        "world_size": runtime.world_size,
+        "device_type": runtime.device_type,
+        "attention": runtime.attention,
+        "last_step": loop.step,
+        "val_bpb": loop.val_bpb,  # the latest evaluation: the last step's once completed
+        "min_val_bpb": loop.min_val_bpb,
+        "core_metric": loop.core_metric,
+        "core_label": core_label,
+        "mfu_percent": mfu if math.isfinite(runtime.peak_flops) else None,  # no peak FLOPs known off CUDA
+        "peak_memory_mib": peak_memory_mib,
+        "training_time_sec": loop.total_training_time,  # excludes the first 10 steps (compilation)
+        "wall_time_sec": loop.wall_time,
+        "history": history,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
 def summary_path(checkpoint_dir):
     return os.path.join(checkpoint_dir, SUMMARY_FILENAME)
 

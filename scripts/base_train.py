@@ -23,7 +23,6 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
 import importlib
-import math
 import time
 from dataclasses import dataclass
 
@@ -40,18 +39,17 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb
 from nanochat.report import get_report
-from nanochat.run_summary import history_before, read_summary, summary_path, write_summary
+from nanochat.run_summary import base_run_summary, history_before, read_summary, summary_path, write_summary
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
     ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, WINDOW_PATTERN, add_keep_checkpoints_flag, build_model, init_runtime, init_wandb,
-    warmup_warmdown_lr,
-    manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights,
+    manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights, warmup_warmdown_lr,
 )
+from nanochat.training_plan import plan_training, scaling_params
 
-REFERENCE_BATCH_SIZE = 2**19  # tokens per step at which the learning rates were tuned (d12)
 CUDA_CORE_METRIC_EVERY = 2000  # upstream's default cadence; on CPU/MPS a CORE evaluation takes too long to be on by default
 
 
@@ -102,42 +100,6 @@ def model_config_for_args(args, vocab_size):
     return model_config_for_depth(args.depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern)
 
 
-def scaling_params(model):
-    """Kaplan-style parameter count used for the horizon: transformer matrices + lm_head (LOG 2026-01-27)."""
-    counts = model.num_scaling_params()
-    return counts["transformer_matrices"] + counts["lm_head"]
-
-
-def auto_total_batch_size(args, num_scaling_params, vocab_size):
-    """
-    Power Lines (arXiv 2505.13738): the best batch grows as data^0.383. Anchored at d12 with
-    2^19 tokens at the same tokens:params ratio, rounded to a power of two.
-    """
-    if args.target_param_data_ratio <= 0:
-        raise ConfigError("--total-batch-size=-1 derives the batch from --target-param-data-ratio; set a ratio > 0 or pass an explicit --total-batch-size")
-    reference_config, _ = model_config_for_depth(12, vocab_size, max_seq_len=args.max_seq_len, window_pattern=args.window_pattern)
-    with torch.device("meta"):
-        reference_params = scaling_params(GPT(reference_config))
-    data_ratio = num_scaling_params / reference_params  # D / D_ref at a fixed tokens:params ratio
-    return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * data_ratio**0.383)), data_ratio
-
-
-def compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size):
-    """
-    The horizon in optimizer steps and the console line that announces it (upstream's wording:
-    the orchestrators grep "Calculated number of iterations").
-    """
-    if args.num_iterations > 0:
-        return args.num_iterations, "Using user-provided number of iterations"
-    if args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * total_batch_size))
-        return num_iterations, "Calculated number of iterations from target FLOPs"
-    if args.target_param_data_ratio > 0:
-        num_iterations = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size
-        return num_iterations, "Calculated number of iterations from target data:param ratio"
-    raise ConfigError("no training horizon: set one of --num-iterations, --target-flops or --target-param-data-ratio")
-
-
 # -----------------------------------------------------------------------------
 # Setup: devices, the model and the training plan, each printed as it is decided
 
@@ -168,71 +130,6 @@ def build_and_describe_model(args, vocab_size, device):
     print0(f"Scaling parameters (transformer matrices + lm_head): {scaling_params(model):,}")
     print0(f"Estimated FLOPs per token: {model.estimate_flops():e}")
     return model
-
-
-@dataclass
-class TrainingPlan:
-    """Everything derived from the flags and the model before the first step."""
-    total_batch_size: int  # tokens per optimizer step, all ranks
-    grad_accum_steps: int
-    eval_steps: int  # micro-batches per val bpb evaluation
-    batch_lr_scale: float
-    weight_decay: float  # Muon's, before its linear decay to 0 over the run
-    num_iterations: int
-    flops_per_token: float
-    num_scaling_params: int
-
-    @property
-    def total_tokens(self):
-        return self.total_batch_size * self.num_iterations
-
-
-def plan_training(args, model, vocab_size, world_size):
-    """Batch size, gradient accumulation, LR scale, weight decay and horizon; fails early on flags that cannot work."""
-    num_scaling_params = scaling_params(model)
-    flops_per_token = model.estimate_flops()
-    total_batch_size = args.total_batch_size
-    weight_decay = args.weight_decay * (12 / args.depth) ** 2  # optimal WD ~ 1/width^2 (upstream LOG 2026-01-10)
-    if total_batch_size == -1:
-        total_batch_size, data_ratio = auto_total_batch_size(args, num_scaling_params, vocab_size)
-        # constant T_epoch transfer (arXiv 2405.13698) replaces the depth rule when the batch moves too
-        weight_decay = args.weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) / data_ratio
-        print0(f"Auto total batch size: {total_batch_size:,} tokens")
-    elif total_batch_size <= 0:
-        raise ConfigError(f"--total-batch-size must be positive (or -1 for auto), got {total_batch_size}")
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
-    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
-    if args.device_batch_size < 1 or total_batch_size % world_tokens_per_fwdbwd != 0:
-        raise ConfigError(
-            f"--total-batch-size={total_batch_size} must be a positive multiple of device_batch_size * max_seq_len * world_size "
-            f"= {args.device_batch_size} * {args.max_seq_len} * {world_size} = {world_tokens_per_fwdbwd}; "
-            f"change --total-batch-size or --device-batch-size")
-    grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
-    print0(f"Tokens / micro-batch / rank: {args.device_batch_size} x {args.max_seq_len} = {tokens_per_fwdbwd:,}")
-    print0(f"Tokens / micro-batch: {world_tokens_per_fwdbwd:,}")
-    print0(f"Total batch size {total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
-    eval_steps = args.eval_tokens // world_tokens_per_fwdbwd
-    if args.eval_every > 0 and eval_steps == 0:
-        raise ConfigError(f"--eval-tokens={args.eval_tokens} is less than one evaluation batch ({world_tokens_per_fwdbwd} tokens); raise it or pass --eval-every=-1")
-    batch_lr_scale = math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE)
-    if batch_lr_scale != 1.0:
-        print0(f"Scaling learning rates by sqrt({total_batch_size}/{REFERENCE_BATCH_SIZE}) = {batch_lr_scale:.4f}")
-    print0(f"Muon weight decay: {weight_decay:.6f}")
-
-    num_iterations, horizon_line = compute_num_iterations(args, flops_per_token, num_scaling_params, total_batch_size)
-    if num_iterations < 1:
-        raise ConfigError(f"{horizon_line}: {num_iterations}; a run needs at least 1 step: raise the target or pass --num-iterations")
-    if args.resume_from_step > num_iterations:
-        # the loop stops when step == num_iterations, so it would never stop
-        raise ConfigError(f"--resume-from-step={args.resume_from_step} is past the end of this run ({num_iterations} steps); "
-                          "resume with the horizon flags of the original run or a longer horizon")
-    plan = TrainingPlan(total_batch_size, grad_accum_steps, eval_steps, batch_lr_scale, weight_decay,
-                        num_iterations, flops_per_token, num_scaling_params)
-    print0(f"{horizon_line}: {num_iterations:,}")
-    print0(f"Total number of training tokens: {plan.total_tokens:,}")
-    print0(f"Tokens : Scaling params ratio: {plan.total_tokens / num_scaling_params:.2f}")
-    print0(f"Total training FLOPs estimate: {flops_per_token * plan.total_tokens:e}")
-    return plan
 
 
 def build_optimizer(args, model, plan):
@@ -362,48 +259,6 @@ def evaluate_core_metric(model, tokenizer, device, args):
     return result
 
 
-def build_run_summary(args, model, plan, loop, history, runtime, mfu, peak_memory_mib, completed, core_label):
-    """What nanochat/run_summary.py describes: written beside the checkpoints on rank 0."""
-    counts = model.num_scaling_params()
-    return {
-        "version": 1,
-        "completed": completed,
-        "model_tag": args.model_tag or f"d{args.depth}",
-        "depth": args.depth,
-        "model_dim": model.config.n_embd,
-        "num_heads": model.config.n_head,
-        "vocab_size": model.config.vocab_size,
-        "max_seq_len": args.max_seq_len,
-        "param_counts": counts,
-        "num_params": counts["total"],
-        "num_scaling_params": plan.num_scaling_params,
-        "flops_per_token": plan.flops_per_token,
-        "total_batch_size": plan.total_batch_size,
-        "num_iterations": plan.num_iterations,
-        "tokens_trained": plan.total_tokens,
-        "param_data_ratio": plan.total_tokens / plan.num_scaling_params,
-        "total_training_flops": plan.flops_per_token * plan.total_tokens,
-        "target_flops": args.target_flops if args.target_flops > 0 else None,
-        "world_size": runtime.world_size,
-        "device_type": runtime.device_type,
-        "attention": runtime.attention,
-        "last_step": loop.step,
-        "val_bpb": loop.val_bpb,  # the latest evaluation: the last step's once completed
-        "min_val_bpb": loop.min_val_bpb,
-        "core_metric": loop.core_metric,
-        "core_label": core_label,
-        "mfu_percent": mfu if math.isfinite(runtime.peak_flops) else None,  # no peak FLOPs known off CUDA
-        "peak_memory_mib": peak_memory_mib,
-        "training_time_sec": loop.total_training_time,  # excludes the first 10 steps (compilation)
-        "wall_time_sec": loop.wall_time,
-        "history": history,
-    }
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
 def set_schedules(optimizer, step, plan, args):
     """LR multiplier for every group; Muon's momentum warmup and linearly decaying weight decay. Returns the LR multiplier."""
     lrm = warmup_warmdown_lr(step, plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -413,6 +268,36 @@ def set_schedules(optimizer, step, plan, args):
             group["momentum"] = muon_momentum(step)
             group["weight_decay"] = plan.weight_decay * (1 - step / plan.num_iterations)
     return lrm
+
+
+def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, runtime, args, core_label):
+    total_flops = plan.flops_per_token * plan.total_tokens
+    get_report().log(section="Base model training", data=[
+        user_config,
+        {
+            "Number of parameters": model.num_scaling_params()["total"],
+            "Number of FLOPs per token": f"{plan.flops_per_token:e}",
+            "Calculated number of iterations": plan.num_iterations,
+            "Number of training tokens": plan.total_tokens,
+            "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
+            "DDP world size": runtime.world_size,
+            "Attention": runtime.attention,
+            "warmup_ratio": args.warmup_ratio,
+            "warmdown_ratio": args.warmdown_ratio,
+            "final_lr_frac": args.final_lr_frac,
+        },
+        {
+            "Minimum validation bpb": loop.min_val_bpb if loop.min_val_bpb != float("inf") else None,
+            "Final validation bpb": loop.val_bpb,
+            "CORE metric estimate": loop.core_metric,
+            "MFU %": f"{mfu:.2f}%",
+            "Total training flops": f"{total_flops:e}",
+            "Total training time": f"{loop.total_training_time / 60:.2f}m",
+            "Peak memory usage": f"{peak_memory_mib:.2f}MiB",
+        },
+        # which tasks the CORE estimate covers, e.g. a partial offline reconstruction of the eval bundle
+        {"CORE tasks": core_label} if core_label else None,
+    ])
 
 
 def main(argv=None):
@@ -487,7 +372,7 @@ def main(argv=None):
             save_training_checkpoint(checkpoint_dir, orig_model, optimizer, loop, consumed_loader_state,
                                      args, user_config, plan, runtime)
             if master_process:
-                write_summary(checkpoint_dir, build_run_summary(args, orig_model, plan, loop, history, runtime, mfu, 0.0,
+                write_summary(checkpoint_dir, base_run_summary(args, orig_model, plan, loop, history, runtime, mfu, 0.0,
                                                                 completed=False, core_label=core_label))
 
         if last_step:
@@ -542,40 +427,10 @@ def main(argv=None):
     write_report(user_config, orig_model, plan, loop, mfu, peak_memory_mib, runtime, args, core_label)
     if master_process:
         loop.wall_time = wall_time_before + time.time() - process_start
-        write_summary(checkpoint_dir, build_run_summary(args, orig_model, plan, loop, history, runtime, mfu, peak_memory_mib,
+        write_summary(checkpoint_dir, base_run_summary(args, orig_model, plan, loop, history, runtime, mfu, peak_memory_mib,
                                                         completed=True, core_label=core_label))
     wandb_run.finish()
     compute_cleanup()
-
-
-def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, runtime, args, core_label):
-    total_flops = plan.flops_per_token * plan.total_tokens
-    get_report().log(section="Base model training", data=[
-        user_config,
-        {
-            "Number of parameters": model.num_scaling_params()["total"],
-            "Number of FLOPs per token": f"{plan.flops_per_token:e}",
-            "Calculated number of iterations": plan.num_iterations,
-            "Number of training tokens": plan.total_tokens,
-            "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
-            "DDP world size": runtime.world_size,
-            "Attention": runtime.attention,
-            "warmup_ratio": args.warmup_ratio,
-            "warmdown_ratio": args.warmdown_ratio,
-            "final_lr_frac": args.final_lr_frac,
-        },
-        {
-            "Minimum validation bpb": loop.min_val_bpb if loop.min_val_bpb != float("inf") else None,
-            "Final validation bpb": loop.val_bpb,
-            "CORE metric estimate": loop.core_metric,
-            "MFU %": f"{mfu:.2f}%",
-            "Total training flops": f"{total_flops:e}",
-            "Total training time": f"{loop.total_training_time / 60:.2f}m",
-            "Peak memory usage": f"{peak_memory_mib:.2f}MiB",
-        },
-        # which tasks the CORE estimate covers, e.g. a partial offline reconstruction of the eval bundle
-        {"CORE tasks": core_label} if core_label else None,
-    ])
 
 
 if __name__ == "__main__":

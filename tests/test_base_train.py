@@ -19,10 +19,8 @@ from conftest import (
 )
 from nanochat.gpt import GPT
 from scripts.base_train import main as base_train_main
-from scripts.base_train import (
-    auto_total_batch_size, model_config_for_args, parse_args,
-    scaling_params,
-)
+from nanochat.training_plan import auto_total_batch_size, scaling_params
+from scripts.base_train import model_config_for_args, parse_args
 
 
 @pytest.fixture
