@@ -90,14 +90,15 @@ def adamw_update_(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, 
         p.copy_(p32)
 
 
-def polar_express(G, ns_steps, compute_dtype=torch.float32):
+def polar_express(G, ns_steps, compute_dtype=torch.float32, margin=1.02):
     """
     Approximate the orthogonal polar factor U V^T of each matrix in G (..., rows, cols) with
-    ns_steps quintic iterations; returns it in compute_dtype. The 1.02 margin keeps the
-    normalized singular values safely below 1, where the iteration is designed to work.
+    ns_steps quintic iterations; returns it in compute_dtype. The margin (1.02; 1.01 since
+    upstream autoresearch round 1) keeps the normalized singular values below 1, where the
+    iteration is designed to work.
     """
     X = G.to(compute_dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-6)
     if X.size(-2) > X.size(-1):  # tall: iterate on the small (cols x cols) Gram matrix
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X.mT @ X
@@ -112,17 +113,30 @@ def polar_express(G, ns_steps, compute_dtype=torch.float32):
 
 
 def muon_update_(grads, params, momentum_buffer, second_momentum_buffer,
-                 momentum_t, lr_t, wd_t, beta2_t, ns_steps, compute_dtype):
+                 momentum_t, lr_t, wd_t, beta2_t, ns_steps, compute_dtype, options):
     """
     One Muon step on a stack of same-shaped matrices, all (K, rows, cols), params in place.
     grads is overwritten (it is a scratch buffer). lr_t already includes the shape factor.
+    options: a MuonOptions (MuonEq, Muon+, the polar margin).
     """
     # Nesterov momentum, via two lerps
     momentum = momentum_t.to(grads.dtype)
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buffer, momentum)
-    # Orthogonalize (bf16 when the model computes in bf16), then back to the param dtype
-    g = polar_express(g, ns_steps, compute_dtype).to(params.dtype)
+    rows, cols = g.shape[-2:]
+    X = g.to(compute_dtype)  # bf16 when the model computes in bf16
+    if options.muon_eq:
+        # MuonEq (arXiv 2603.28254): every row rescaled to the RMS row norm, so the spectrum that
+        # enters the polar iteration is better conditioned
+        X32 = X.float()
+        target = X32.norm(dim=(-2, -1), keepdim=True) / math.sqrt(rows)
+        X = X * (target / X32.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
+    g = polar_express(X, ns_steps, compute_dtype, options.polar_margin).to(params.dtype)
+    if options.muon_plus:
+        # Muon+ (arXiv 2602.21545): the Frobenius norm snapped to sqrt(min(rows, cols)), an exactly
+        # semi-orthogonal matrix's, making up for the iteration's under-convergence
+        frobenius = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        g = g * (math.sqrt(min(rows, cols)) / frobenius).to(g.dtype)
     # NorMuon variance reduction: a factored second moment (one value per row if rows >= cols,
     # else per column) evens out the update's rows/cols, then the Frobenius norm is restored.
     reduce_dim = -1 if g.size(-2) >= g.size(-1) else -2
@@ -139,6 +153,13 @@ def muon_update_(grads, params, momentum_buffer, second_momentum_buffer,
     wd = wd_t.to(params.dtype)
     mask = (g * params) >= 0
     params.sub_(lr * g + lr * wd * params * mask)
+
+
+class MuonOptions(NamedTuple):
+    """Muon variants, fixed for a run (constants to torch.compile). Defaults: upstream's 2026-01 Muon."""
+    muon_eq: bool = False
+    muon_plus: bool = False
+    polar_margin: float = 1.02
 
 
 _compiled_kernels = {}
@@ -252,7 +273,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for 2-D hidden matrices + AdamW for the rest; see the module docstring."""
 
-    def __init__(self, param_groups):
+    def __init__(self, param_groups, muon_eq=False, muon_plus=False, polar_margin=1.02):
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
@@ -260,6 +281,7 @@ class MuonAdamW(torch.optim.Optimizer):
         # version, so there we SUM and divide by W ourselves.
         self._native_avg = distributed and dist.get_backend() == "nccl"
         super().__init__(list(param_groups), defaults={})
+        self.muon_options = MuonOptions(muon_eq, muon_plus, polar_margin)
         # One set of 0-D CPU tensors, refilled before each kernel call (see the math above); CPU
         # explicitly, whatever the default device (e.g. a `with torch.device("meta")` block)
         self._hparams = {name: torch.tensor(0.0, dtype=torch.float32, device="cpu") for name in
@@ -419,7 +441,8 @@ class MuonAdamW(torch.optim.Optimizer):
             _kernel(muon_update_, param_chunk.device)(
                 grad_chunk[:n_owned], param_chunk[:n_owned],
                 state["momentum_buffer"][:n_owned], state["second_momentum_buffer"][:n_owned],
-                h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], _polar_express_dtype())
+                h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], _polar_express_dtype(),
+                self.muon_options)
         if stacked is None:  # one rank: it owns the whole group
             torch._foreach_copy_(params, list(param_chunk.unbind(0)))
             return []
