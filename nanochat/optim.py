@@ -76,16 +76,22 @@ _REQUIRED_KEYS = {
 
 
 def adamw_update_(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
-    """One AdamW step on p in place. Math in fp32: a bf16 p is upcast and written back once."""
+    """
+    One AdamW step on p in place. Math in fp32: a bf16 p is upcast and written back once.
+    Compiled, it is one fused loop; without torch.compile the one temporary (g^2, then the
+    denominator) is reused in place, which halves the step time (dev/LOG.md).
+    """
     p32 = p.float()  # p itself when p is fp32
     g = grad.float()
     p32.mul_(1 - lr_t * wd_t)  # decoupled weight decay
     exp_avg.lerp_(g, 1 - beta1_t)
-    exp_avg_sq.lerp_(g.square(), 1 - beta2_t)
+    scratch = g.square()
+    exp_avg_sq.lerp_(scratch, 1 - beta2_t)
     bias_correction1 = 1 - beta1_t**step_t
     bias_correction2 = 1 - beta2_t**step_t
-    denom = (exp_avg_sq / bias_correction2).sqrt() + eps_t
-    p32.sub_((lr_t / bias_correction1) * exp_avg / denom)
+    # p -= lr / bc1 * m / (sqrt(v / bc2) + eps), with the step size folded into the denominator
+    denom = scratch.copy_(exp_avg_sq).div_(bias_correction2).sqrt_().add_(eps_t).div_(lr_t / bias_correction1)
+    p32.addcdiv_(exp_avg, denom, value=-1)
     if p.dtype != torch.float32:
         p.copy_(p32)
 
@@ -95,20 +101,22 @@ def polar_express(G, ns_steps, compute_dtype=torch.float32, margin=1.02):
     Approximate the orthogonal polar factor U V^T of each matrix in G (..., rows, cols) with
     ns_steps quintic iterations; returns it in compute_dtype. The margin (1.02; 1.01 since
     upstream autoresearch round 1) keeps the normalized singular values below 1, where the
-    iteration is designed to work.
+    iteration is designed to work. Each scale-and-add runs in place on a fresh matmul result:
+    compiled that is the same fused code, and without torch.compile it spares a pass and an
+    allocation per term (measured in dev/LOG.md).
     """
     X = G.to(compute_dtype)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-6)
     if X.size(-2) > X.size(-1):  # tall: iterate on the small (cols x cols) Gram matrix
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X.mT @ X
-            B = b * A + c * (A @ A)
-            X = a * X + X @ B
+            B = (A @ A).mul_(c).add_(A, alpha=b)  # b*A + c*A^2
+            X = (X @ B).add_(X, alpha=a)  # a*X + X@B
     else:
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X @ X.mT
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+            B = (A @ A).mul_(c).add_(A, alpha=b)
+            X = (B @ X).add_(X, alpha=a)  # a*X + B@X
     return X
 
 
@@ -117,42 +125,43 @@ def muon_update_(grads, params, momentum_buffer, second_momentum_buffer,
     """
     One Muon step on a stack of same-shaped matrices, all (K, rows, cols), params in place.
     grads is overwritten (it is a scratch buffer). lr_t already includes the shape factor.
-    options: a MuonOptions (MuonEq, Muon+, the polar margin).
+    options: a MuonOptions (MuonEq, Muon+, the polar margin). The update g is a fresh tensor
+    after the polar iteration, so it is rescaled in place.
     """
     # Nesterov momentum, via two lerps
     momentum = momentum_t.to(grads.dtype)
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buffer, momentum)
     rows, cols = g.shape[-2:]
-    X = g.to(compute_dtype)  # bf16 when the model computes in bf16
+    X = g.to(compute_dtype)  # bf16 when the model computes in bf16 (else grads itself, a scratch buffer)
     if options.muon_eq:
         # MuonEq (arXiv 2603.28254): every row rescaled to the RMS row norm, so the spectrum that
         # enters the polar iteration is better conditioned
         X32 = X.float()
         target = X32.norm(dim=(-2, -1), keepdim=True) / math.sqrt(rows)
-        X = X * (target / X32.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype)
+        X = X.mul_((target / X32.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype))
     g = polar_express(X, ns_steps, compute_dtype, options.polar_margin).to(params.dtype)
     if options.muon_plus:
         # Muon+ (arXiv 2602.21545): the Frobenius norm snapped to sqrt(min(rows, cols)), an exactly
         # semi-orthogonal matrix's, making up for the iteration's under-convergence
         frobenius = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-        g = g * (math.sqrt(min(rows, cols)) / frobenius).to(g.dtype)
+        g.mul_((math.sqrt(min(rows, cols)) / frobenius).to(g.dtype))
     # NorMuon variance reduction: a factored second moment (one value per row if rows >= cols,
     # else per column) evens out the update's rows/cols, then the Frobenius norm is restored.
-    reduce_dim = -1 if g.size(-2) >= g.size(-1) else -2
+    reduce_dim = -1 if rows >= cols else -2
     reduce_size = g.size(reduce_dim)
-    v_mean = g.float().square().mean(dim=reduce_dim, keepdim=True)
+    v_mean = g.float().norm(dim=reduce_dim, keepdim=True).square_() / reduce_size  # mean of squares
     norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * reduce_size).sqrt()
     second_momentum_buffer.lerp_(v_mean, 1 - beta2_t)
     scale = second_momentum_buffer.clamp_min(1e-10).rsqrt()
     # ||g * scale||_F from the factored pieces, without materializing g * scale
     scaled_norm = (v_mean * reduce_size * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    g = g * (scale * (norm / scaled_norm.clamp_min(1e-10))).to(g.dtype)
-    # Cautious weight decay: decay only where the update and the weight agree in sign
-    lr = lr_t.to(params.dtype)
-    wd = wd_t.to(params.dtype)
+    g.mul_((scale * (norm / scaled_norm.clamp_min(1e-10))).to(g.dtype))
+    # Cautious weight decay: decay only where the update and the weight agree in sign,
+    # p -= lr * (g + wd * p * mask)
     mask = (g * params) >= 0
-    params.sub_(lr * g + lr * wd * params * mask)
+    step = (params * mask).mul_(wd_t.to(params.dtype)).add_(g)
+    params.sub_(step.mul_(lr_t.to(params.dtype)))
 
 
 class MuonOptions(NamedTuple):
