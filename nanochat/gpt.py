@@ -1,23 +1,18 @@
 """
 The GPT model: a decoder-only Transformer with the nanochat recipe.
 
-- rotary position embeddings (split-halves form), no learned positions
-- QK-norm (applied after RoPE), parameterless RMSNorm everywhere, no biases anywhere
-- ReLU^2 MLP with 4x expansion; untied token embedding and lm_head
+- RoPE (split-halves form), QK-norm after it, parameterless RMSNorm everywhere, no biases
+- ReLU^2 MLP with 4x expansion; untied token embedding and lm_head; logits soft-capped at 15 in fp32
 - value embeddings (ResFormer-style) mixed into v on alternating layers, with a per-head gate
 - per-layer learnable scalars that mix the residual stream with the first-layer input x0
-- sliding-window attention by a layer pattern ("SSSL": three short, one long), last layer full
-- grouped-query attention (n_kv_head divides n_head)
-- logits soft-capped at 15 and computed in fp32
-- optional (recipe 2026-07): smear (a gated share of the previous token's embedding) and backout
-  (a learned share of the mid-layer residual subtracted before the final norm); GPTConfig says which.
+- sliding-window attention by a layer pattern ("SSSL": three short, one long), last layer full; GQA
+- recipe 2026-07 adds smear (a gated share of the previous token's embedding) and backout (a learned
+  share of the mid-layer residual taken out before the final norm); GPTConfig holds every option.
 
-Precision: there is no autocast. Activations run in nanochat.common.COMPUTE_DTYPE; Linear
-weights are fp32 master copies cast to the activation dtype on the fly; embedding tables are
-stored in the compute dtype (fp32 when computing in fp16, where GradScaler needs fp32 grads).
-The model holds no distributed code: data parallelism lives in the optimizer and the scripts.
+Precision: no autocast. Activations run in nanochat.common.COMPUTE_DTYPE; Linear weights are fp32
+masters cast on the fly; embedding tables are stored in the compute dtype (fp32 under fp16).
+No distributed code here: data parallelism lives in the optimizer and the scripts.
 
-Build it on the meta device, then materialize and initialize:
     with torch.device("meta"):
         model = GPT(GPTConfig.for_recipe("2026-07", n_layer=..., ...))
     model.to_empty(device=device)
@@ -79,8 +74,8 @@ class GPTConfig:
 
     def recipe(self):
         """The name of the recipe whose options this config has, or None for another mix."""
-        options = {name: getattr(self, name) for name in OPTION_FIELDS}
-        return next((name for name in RECIPES if _recipe_options(name) == options), None)
+        shape = {name: getattr(self, name) for name in UPSTREAM_CONFIG_FIELDS}
+        return next((name for name in RECIPES if GPTConfig.for_recipe(name, **shape) == self), None)
 
     def meta_entries(self):
         """
@@ -125,11 +120,6 @@ def resolve_recipe(recipe):
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)} or 'latest'")
     return name
-
-
-def _recipe_options(recipe):
-    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in OPTION_FIELDS}
-    return {**defaults, **RECIPES[recipe]}
 
 
 def _validate_config(config):
@@ -293,7 +283,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(C, padded_vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
-        # Upstream's names and shapes, in its registration order (it has both whenever it has either).
+        # Upstream's names and shapes, in its registration order (its 2026-07 model has all three).
         if config.smear:
             self.smear_gate = Linear(SMEAR_GATE_CHANNELS, 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))

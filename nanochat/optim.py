@@ -280,7 +280,11 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for 2-D hidden matrices + AdamW for the rest; see the module docstring."""
+    """
+    Muon for 2-D hidden matrices + AdamW for the rest; see the module docstring. muon_eq,
+    muon_plus and polar_margin default to upstream's 2026-01 Muon; recipe 2026-07
+    (GPT.setup_optimizer) turns on MuonEq and Muon+ with margin 1.01, as upstream's 92d63d4.
+    """
 
     def __init__(self, param_groups, muon_eq=False, muon_plus=False, polar_margin=1.02):
         distributed = dist.is_available() and dist.is_initialized()
