@@ -76,7 +76,7 @@ def test_2026_07_short_window_is_a_quarter_rounded_up_to_128(T, short):
 
 
 def test_2026_07_init_values():
-    config = config_2026_07(n_layer=5, n_embd=128, n_head=4, n_kv_head=4, vocab_size=4096)
+    config = config_2026_07(n_layer=5, n_embd=128, n_head=4, n_kv_head=4, vocab_size=2048)
     model = build_gpt(config)
     bound = math.sqrt(3) / math.sqrt(128)
     assert abs(model.transformer.wte.weight.std().item() - 0.8) < 0.02
