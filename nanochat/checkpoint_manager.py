@@ -378,7 +378,7 @@ def build_model(checkpoint_dir, step, device, phase):
     model_config_kwargs = dict(meta_data["model_config"])
     _patch_missing_config_keys(model_config_kwargs)
     log0(f"Building model with config: {model_config_kwargs}")
-    model_config = GPTConfig(**model_config_kwargs)
+    model_config = GPTConfig.from_meta(model_config_kwargs, meta_data.get("model_options"), model_data.keys())
 
     with torch.device("meta"):
         model = GPT(model_config)

@@ -51,11 +51,15 @@ class KVCache:
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._pos = 0
+        # (B, 1, C): the last position's normalized token embedding, which a model with smear mixes
+        # into the next one; the model sets it (upstream keeps it here under the same name)
+        self.prev_embedding = None
 
     def reset(self):
         """Forget the contents (positions back to 0; stale entries are overwritten before use)."""
         self.cache_seqlens.zero_()
         self._pos = 0
+        self.prev_embedding = None
 
     def get_pos(self):
         """Current fill position (every row's)."""
@@ -90,6 +94,8 @@ class KVCache:
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
         self._pos = pos
+        previous = other.prev_embedding  # smear's state: a batch-1 one is copied into every row
+        self.prev_embedding = None if previous is None else previous.expand(self.batch_size, -1, -1).clone()
 
 
 # -----------------------------------------------------------------------------

@@ -76,69 +76,99 @@ _REQUIRED_KEYS = {
 
 
 def adamw_update_(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
-    """One AdamW step on p in place. Math in fp32: a bf16 p is upcast and written back once."""
+    """
+    One AdamW step on p in place. Math in fp32: a bf16 p is upcast and written back once.
+    Compiled, it is one fused loop; without torch.compile the one temporary (g^2, then the
+    denominator) is reused in place, which halves the step time (dev/LOG.md).
+    """
     p32 = p.float()  # p itself when p is fp32
     g = grad.float()
     p32.mul_(1 - lr_t * wd_t)  # decoupled weight decay
     exp_avg.lerp_(g, 1 - beta1_t)
-    exp_avg_sq.lerp_(g.square(), 1 - beta2_t)
+    scratch = g.square()
+    exp_avg_sq.lerp_(scratch, 1 - beta2_t)
     bias_correction1 = 1 - beta1_t**step_t
     bias_correction2 = 1 - beta2_t**step_t
-    denom = (exp_avg_sq / bias_correction2).sqrt() + eps_t
-    p32.sub_((lr_t / bias_correction1) * exp_avg / denom)
+    # p -= lr / bc1 * m / (sqrt(v / bc2) + eps), with the step size folded into the denominator
+    denom = scratch.copy_(exp_avg_sq).div_(bias_correction2).sqrt_().add_(eps_t).div_(lr_t / bias_correction1)
+    p32.addcdiv_(exp_avg, denom, value=-1)
     if p.dtype != torch.float32:
         p.copy_(p32)
 
 
-def polar_express(G, ns_steps, compute_dtype=torch.float32):
+def polar_express(G, ns_steps, compute_dtype=torch.float32, margin=1.02):
     """
     Approximate the orthogonal polar factor U V^T of each matrix in G (..., rows, cols) with
-    ns_steps quintic iterations; returns it in compute_dtype. The 1.02 margin keeps the
-    normalized singular values safely below 1, where the iteration is designed to work.
+    ns_steps quintic iterations; returns it in compute_dtype. The margin (1.02; 1.01 since
+    upstream autoresearch round 1) keeps the normalized singular values below 1, where the
+    iteration is designed to work. Each scale-and-add runs in place on a fresh matmul result:
+    compiled that is the same fused code, and without torch.compile it spares a pass and an
+    allocation per term (measured in dev/LOG.md).
     """
     X = G.to(compute_dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-6)
     if X.size(-2) > X.size(-1):  # tall: iterate on the small (cols x cols) Gram matrix
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X.mT @ X
-            B = b * A + c * (A @ A)
-            X = a * X + X @ B
+            B = (A @ A).mul_(c).add_(A, alpha=b)  # b*A + c*A^2
+            X = (X @ B).add_(X, alpha=a)  # a*X + X@B
     else:
         for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
             A = X @ X.mT
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
+            B = (A @ A).mul_(c).add_(A, alpha=b)
+            X = (B @ X).add_(X, alpha=a)  # a*X + B@X
     return X
 
 
 def muon_update_(grads, params, momentum_buffer, second_momentum_buffer,
-                 momentum_t, lr_t, wd_t, beta2_t, ns_steps, compute_dtype):
+                 momentum_t, lr_t, wd_t, beta2_t, ns_steps, compute_dtype, options):
     """
     One Muon step on a stack of same-shaped matrices, all (K, rows, cols), params in place.
     grads is overwritten (it is a scratch buffer). lr_t already includes the shape factor.
+    options: a MuonOptions (MuonEq, Muon+, the polar margin). The update g is a fresh tensor
+    after the polar iteration, so it is rescaled in place.
     """
     # Nesterov momentum, via two lerps
     momentum = momentum_t.to(grads.dtype)
     momentum_buffer.lerp_(grads, 1 - momentum)
     g = grads.lerp_(momentum_buffer, momentum)
-    # Orthogonalize (bf16 when the model computes in bf16), then back to the param dtype
-    g = polar_express(g, ns_steps, compute_dtype).to(params.dtype)
+    rows, cols = g.shape[-2:]
+    X = g.to(compute_dtype)  # bf16 when the model computes in bf16 (else grads itself, a scratch buffer)
+    if options.muon_eq:
+        # MuonEq (arXiv 2603.28254): every row rescaled to the RMS row norm, so the spectrum that
+        # enters the polar iteration is better conditioned
+        X32 = X.float()
+        target = X32.norm(dim=(-2, -1), keepdim=True) / math.sqrt(rows)
+        X = X.mul_((target / X32.norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(X.dtype))
+    g = polar_express(X, ns_steps, compute_dtype, options.polar_margin).to(params.dtype)
+    if options.muon_plus:
+        # Muon+ (arXiv 2602.21545): the Frobenius norm snapped to sqrt(min(rows, cols)), an exactly
+        # semi-orthogonal matrix's, making up for the iteration's under-convergence
+        frobenius = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+        g.mul_((math.sqrt(min(rows, cols)) / frobenius).to(g.dtype))
     # NorMuon variance reduction: a factored second moment (one value per row if rows >= cols,
     # else per column) evens out the update's rows/cols, then the Frobenius norm is restored.
-    reduce_dim = -1 if g.size(-2) >= g.size(-1) else -2
+    reduce_dim = -1 if rows >= cols else -2
     reduce_size = g.size(reduce_dim)
-    v_mean = g.float().square().mean(dim=reduce_dim, keepdim=True)
+    v_mean = g.float().norm(dim=reduce_dim, keepdim=True).square_() / reduce_size  # mean of squares
     norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * reduce_size).sqrt()
     second_momentum_buffer.lerp_(v_mean, 1 - beta2_t)
     scale = second_momentum_buffer.clamp_min(1e-10).rsqrt()
     # ||g * scale||_F from the factored pieces, without materializing g * scale
     scaled_norm = (v_mean * reduce_size * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-    g = g * (scale * (norm / scaled_norm.clamp_min(1e-10))).to(g.dtype)
-    # Cautious weight decay: decay only where the update and the weight agree in sign
-    lr = lr_t.to(params.dtype)
-    wd = wd_t.to(params.dtype)
+    g.mul_((scale * (norm / scaled_norm.clamp_min(1e-10))).to(g.dtype))
+    # Cautious weight decay: decay only where the update and the weight agree in sign,
+    # p -= lr * (g + wd * p * mask)
     mask = (g * params) >= 0
-    params.sub_(lr * g + lr * wd * params * mask)
+    step = (params * mask).mul_(wd_t.to(params.dtype)).add_(g)
+    params.sub_(step.mul_(lr_t.to(params.dtype)))
+
+
+class MuonOptions(NamedTuple):
+    """Muon variants, fixed for a run (constants to torch.compile). Defaults: upstream's 2026-01 Muon."""
+    muon_eq: bool = False
+    muon_plus: bool = False
+    polar_margin: float = 1.02
 
 
 _compiled_kernels = {}
@@ -265,9 +295,13 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for 2-D hidden matrices + AdamW for the rest; see the module docstring."""
+    """
+    Muon for 2-D hidden matrices + AdamW for the rest; see the module docstring. muon_eq,
+    muon_plus and polar_margin default to upstream's 2026-01 Muon; recipe 2026-07
+    (GPT.setup_optimizer) turns on MuonEq and Muon+ with margin 1.01, as upstream's 92d63d4.
+    """
 
-    def __init__(self, param_groups):
+    def __init__(self, param_groups, muon_eq=False, muon_plus=False, polar_margin=1.02):
         distributed = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
@@ -275,6 +309,7 @@ class MuonAdamW(torch.optim.Optimizer):
         # version, so there we SUM and divide by W ourselves.
         self._native_avg = distributed and dist.get_backend() == "nccl"
         super().__init__(list(param_groups), defaults={})
+        self.muon_options = MuonOptions(muon_eq, muon_plus, polar_margin)
         # One set of 0-D CPU tensors, refilled before each kernel call (see the math above); CPU
         # explicitly, whatever the default device (e.g. a `with torch.device("meta")` block)
         self._hparams = {name: torch.tensor(0.0, dtype=torch.float32, device="cpu") for name in
@@ -431,7 +466,8 @@ class MuonAdamW(torch.optim.Optimizer):
             _kernel(muon_update_, param_chunk.device)(
                 grad_chunk[:n_owned], param_chunk[:n_owned],
                 state["momentum_buffer"][:n_owned], state["second_momentum_buffer"][:n_owned],
-                h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], _polar_express_dtype())
+                h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], _polar_express_dtype(),
+                self.muon_options)
         if stacked is None:  # one rank: it owns the whole group
             torch._foreach_copy_(params, list(param_chunk.unbind(0)))
             return []

@@ -17,6 +17,8 @@ from nanochat import optim
 from nanochat.optim import MuonAdamW
 
 BATCH_SIZE = 8
+# Muon as recipe 2026-07 runs it (MuonEq, Muon+, margin 1.01), for scenario D
+MUON_2026_07 = dict(muon_eq=True, muon_plus=True, polar_margin=1.01)
 # name -> (shape, number of params), in the order of the param groups (so list positions are
 # the param indices of the optimizer's state_dict). Chosen to cover every path on 2 ranks.
 PARAM_SPECS = {
@@ -119,6 +121,14 @@ def main(out_dir):
     compute_grads(params, targets, my_batch)
     optimizer.step()
     torch.save({n: p.detach().clone() for n, p in params.items()}, out_dir / f"resumed_after3_rank{rank}.pt")
+
+    # D: three steps from the start with MuonEq and Muon+ on
+    params = make_params(problem["init"])
+    optimizer = MuonAdamW(make_param_groups(params), **MUON_2026_07)
+    for _ in range(3):
+        compute_grads(params, targets, my_batch)
+        optimizer.step()
+    torch.save({n: p.detach().clone() for n, p in params.items()}, out_dir / f"muon_2026_07_after3_rank{rank}.pt")
 
     # C: a large AdamW param whose rows do not split over the ranks must be refused up front
     try:

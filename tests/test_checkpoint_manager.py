@@ -181,6 +181,48 @@ def test_old_checkpoint_without_lambdas_or_window_pattern_is_patched(base_dir, t
         assert torch.equal(loaded(idx), model(idx))
 
 
+# The fields of upstream's GPTConfig, at 348fbb3 (2026-01) and 92d63d4 (2026-07) alike: its loader
+# calls GPTConfig(**meta["model_config"]), which fails on any other key.
+UPSTREAM_GPTCONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"}
+
+
+def test_old_format_checkpoint_loads_as_the_2026_01_model_with_identical_logits(base_dir, tokenizer):
+    """Meta with upstream's 7 fields and no model_options, no smear/backout keys: every checkpoint before them."""
+    model = make_model(tiny_config(tokenizer.get_vocab_size()))
+    shape_only = {k: v for k, v in config_dict(model.config).items() if k in UPSTREAM_GPTCONFIG_FIELDS}
+    save_model(base_dir / "base_checkpoints" / "d2", 6, model, model_config=shape_only)
+    loaded, _, _ = cm.load_model("base", "cpu", phase="eval")
+    assert loaded.config == GPTConfig(**shape_only) and loaded.config.recipe() == "2026-01"
+    idx = sample_tokens(tokenizer.get_vocab_size())
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+@pytest.mark.parametrize("recipe", ["2026-01", "2026-07"])
+def test_meta_keeps_upstream_gptconfig_fields_apart_and_rebuilds_the_model(base_dir, tokenizer, recipe):
+    config = GPTConfig.for_recipe(recipe, **config_dict(tiny_config(tokenizer.get_vocab_size())))
+    model = make_model(config)
+    entries = config.meta_entries()
+    assert set(entries["model_config"]) == UPSTREAM_GPTCONFIG_FIELDS  # so upstream's code loads ours
+    assert set(entries["model_config"]) | set(entries["model_options"]) == set(config_dict(config))
+    cm.save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 9, model.state_dict(), None, {"step": 9, **entries})
+    loaded, _, _ = cm.load_model("base", "cpu", phase="eval")
+    assert loaded.config == config
+    idx = sample_tokens(tokenizer.get_vocab_size())
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_model_options_in_meta_win_over_what_the_state_dict_suggests():
+    ablation = GPTConfig.for_recipe("2026-07", smear=False)  # no smear gate in its state dict
+    entries = ablation.meta_entries()
+    keys = ["backout_lambda", "transformer.wte.weight"]
+    assert GPTConfig.from_meta(entries["model_config"], entries["model_options"], keys) == ablation
+    assert GPTConfig.from_meta(entries["model_config"], None, keys) == GPTConfig(**entries["model_config"])
+    compiled_upstream_keys = ["_orig_mod.smear_gate.weight", "_orig_mod.transformer.wte.weight"]
+    assert GPTConfig.from_meta(entries["model_config"], None, compiled_upstream_keys).recipe() == "2026-07"
+
+
 def test_tokenizer_vocab_mismatch_is_a_clear_error(base_dir, tokenizer):
     model = make_model(tiny_config(tokenizer.get_vocab_size() + 64))
     save_model(base_dir / "base_checkpoints" / "d2", 1, model)

@@ -28,6 +28,8 @@ def unique_graphs():
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_optimizer_matches_eager_and_schedules_never_recompile(monkeypatch, device):
+    # Muon as new runs use it (MuonEq, Muon+): the 2026-01 kernel is the same code without those two branches
+    muon_options = worker.MUON_2026_07
     init, targets = worker.make_problem()
     targets = {name: t.to(device) for name, t in targets.items()}
     results, graphs_per_step = {}, []
@@ -35,7 +37,7 @@ def test_compiled_optimizer_matches_eager_and_schedules_never_recompile(monkeypa
     for compile_flag in ("0", "1"):
         monkeypatch.setenv("NANOCHAT_COMPILE", compile_flag)
         params = {name: torch.nn.Parameter(value.to(device)) for name, value in init.items()}
-        optimizer = MuonAdamW(worker.make_param_groups(params))
+        optimizer = MuonAdamW(worker.make_param_groups(params), **muon_options)
         for step in range(4):
             worker.compute_grads(params, targets, slice(None))
             for group in optimizer.param_groups:  # a schedule touching every hyperparameter kind

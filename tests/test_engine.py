@@ -116,6 +116,23 @@ def test_greedy_engine_equals_naive_generate_token_for_token(gpt, tiny_tokenizer
         assert all(masks == [1, 1, 1] for _, masks in columns)
 
 
+def test_greedy_engine_with_smear_equals_naive_generate_for_every_sample(tiny_tokenizer):
+    # The 2026-07 model mixes the previous token's embedding into each position: the KV cache carries it
+    # from the batch-1 prefill into every sample's row, then from step to step.
+    config = GPTConfig.for_recipe("2026-07", sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2,
+                                  n_embd=64, window_pattern="SSL")
+    model = build_gpt(config, seed=3, perturb=0.1)
+    with torch.no_grad():
+        model.smear_lambda.fill_(1.0)  # 0 at init: strong enough here that a missing smear changes the tokens
+    engine = Engine(model, NoStopTokenizer(tiny_tokenizer))
+    for text in PROMPTS[:2]:
+        prompt = tiny_tokenizer.encode(text, prepend="<|bos|>")
+        reference = list(model.generate(prompt, 24, temperature=0))
+        columns = list(engine.generate(prompt, num_samples=3, max_tokens=24, temperature=0))
+        for row in range(3):
+            assert [column[row] for column, _ in columns] == reference, text
+
+
 def test_engine_stops_on_assistant_end_and_bos(tiny_tokenizer):
     tokenizer = ByteTokenizer()
     end = tokenizer.encode_special("<|assistant_end|>")

@@ -307,6 +307,12 @@ def two_rank_run(tmp_path_factory):
         reference[step] = {n: p.detach().clone() for n, p in params.items()}
         if step == 2:
             reference["optimizer_after2"] = copy.deepcopy(optimizer.state_dict())
+    params = worker.make_params(init)
+    optimizer = MuonAdamW(worker.make_param_groups(params), **worker.MUON_2026_07)
+    for _ in range(3):
+        worker.compute_grads(params, targets, slice(None))
+        optimizer.step()
+    reference["muon_2026_07_after3"] = {n: p.detach().clone() for n, p in params.items()}
     torch.save({"init": init, "targets": targets, "one_rank_params_after2": reference[2],
                 "one_rank_optimizer_after2": reference["optimizer_after2"]}, out_dir / "problem.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), PYTHONFAULTHANDLER="1")
@@ -337,6 +343,16 @@ def test_two_ranks_equal_one_rank_on_the_full_batch(two_rank_run):
     rank0, rank1 = load_ranks(out_dir, "fresh_after3")
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # every rank holds the same params
     assert_params_close(rank0, reference[3])
+
+
+def test_two_ranks_equal_one_rank_with_muoneq_and_muonplus_on(two_rank_run):
+    out_dir, reference = two_rank_run
+    rank0, rank1 = load_ranks(out_dir, "muon_2026_07_after3")
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert_params_close(rank0, reference["muon_2026_07_after3"])
+    # and the options changed the result: the reference without them is elsewhere
+    wide = worker.param_names("wide")[0]
+    assert (reference["muon_2026_07_after3"][wide] - reference[3][wide]).abs().max() > 1e-4
 
 
 def test_state_saved_on_two_ranks_resumes_on_one_rank(two_rank_run):

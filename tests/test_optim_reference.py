@@ -3,7 +3,9 @@ The Muon step of MuonAdamW against a from-scratch reference written straight fro
 (as upstream nanochat computes them), one matrix at a time in plain tensor math and sharing no
 code with nanochat/optim.py:
 Nesterov momentum, Polar Express with its published coefficients, NorMuon's factored second
-moment, cautious weight decay and the shape-based LR, over several steps.
+moment, cautious weight decay and the shape-based LR, over several steps; and the two options
+of upstream 4e014d3: MuonEq row equilibration before the polar iteration, Muon+ renormalization
+after it.
 """
 
 import pytest
@@ -29,13 +31,16 @@ class ReferenceMuon:
         self.momentum_buffer = torch.zeros(shape)
         self.second_moment = torch.zeros((rows, 1) if rows >= cols else (1, cols))
 
-    def step(self, p, grad, lr, momentum, weight_decay, beta2=0.95):
+    def step(self, p, grad, lr, momentum, weight_decay, beta2=0.95, muon_eq=False, muon_plus=False, margin=1.02):
         rows, cols = p.shape
         # Nesterov: the buffer follows the grad, the update looks one step ahead along it
         self.momentum_buffer = momentum * self.momentum_buffer + (1 - momentum) * grad
         g = (1 - momentum) * grad + momentum * self.momentum_buffer
+        if muon_eq:  # every row scaled to norm ||g||_F / sqrt(rows), the RMS of the row norms
+            row_norms = torch.sqrt((g * g).sum(dim=1, keepdim=True))
+            g = g * (torch.linalg.matrix_norm(g) / rows**0.5) / torch.clamp(row_norms, min=1e-6)
         # orthogonalize
-        X = g / (torch.linalg.matrix_norm(g) * 1.02 + 1e-6)
+        X = g / (torch.linalg.matrix_norm(g) * margin + 1e-6)
         for a, b, c in COEFFICIENTS:
             if rows > cols:
                 A = X.T @ X
@@ -44,6 +49,8 @@ class ReferenceMuon:
                 A = X @ X.T
                 X = a * X + (b * A + c * A @ A) @ X
         g = X
+        if muon_plus:  # Frobenius norm set to sqrt(min(rows, cols)), that of a semi-orthogonal matrix
+            g = g * min(rows, cols) ** 0.5 / torch.clamp(torch.linalg.matrix_norm(g), min=1e-6)
         # NorMuon: scale rows (or columns) by 1/sqrt of their running mean square, keep the norm
         reduce_dim = 1 if rows >= cols else 0
         mean_square = (g * g).mean(dim=reduce_dim, keepdim=True)
@@ -56,13 +63,12 @@ class ReferenceMuon:
         return p - lr * g - lr * weight_decay * p * agree
 
 
-@pytest.mark.parametrize("shape, count", [((8, 16), 2), ((16, 8), 3), ((8, 8), 1), ((32, 8), 2)])
-def test_muon_steps_match_the_spec_reference(shape, count):
+def run_against_reference(shape, count, **options):
     generator = torch.Generator().manual_seed(sum(shape) + count)
     start = [torch.randn(shape, generator=generator) * 0.5 for _ in range(count)]
     params = [torch.nn.Parameter(p.clone()) for p in start]
     group = dict(kind="muon", params=params, lr=0.03, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.2)
-    optimizer = MuonAdamW([group])
+    optimizer = MuonAdamW([group], **options)
     references = [ReferenceMuon(shape) for _ in range(count)]
     expected = [p.clone() for p in start]
     for step in range(4):
@@ -73,7 +79,23 @@ def test_muon_steps_match_the_spec_reference(shape, count):
         group = optimizer.param_groups[0]
         group["lr"], group["momentum"], group["weight_decay"] = lr, momentum, weight_decay
         optimizer.step()
-        expected = [ref.step(p, g, lr, momentum, weight_decay) for ref, p, g in zip(references, expected, grads)]
+        reference_options = dict(options)
+        if "polar_margin" in reference_options:
+            reference_options["margin"] = reference_options.pop("polar_margin")
+        expected = [ref.step(p, g, lr, momentum, weight_decay, **reference_options)
+                    for ref, p, g in zip(references, expected, grads)]
     for p, want, p0 in zip(params, expected, start):
         assert (want - p0).abs().max() > 0.01  # it moved, by far more than the tolerance
         torch.testing.assert_close(p.detach(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, count", [((8, 16), 2), ((16, 8), 3), ((8, 8), 1), ((32, 8), 2)])
+def test_muon_steps_match_the_spec_reference(shape, count):
+    run_against_reference(shape, count)
+
+
+@pytest.mark.parametrize("options", [dict(muon_eq=True), dict(muon_plus=True),
+                                     dict(muon_eq=True, muon_plus=True, polar_margin=1.01)])
+@pytest.mark.parametrize("shape, count", [((8, 16), 2), ((32, 8), 2)])
+def test_muoneq_and_muonplus_steps_match_the_reference(shape, count, options):
+    run_against_reference(shape, count, **options)
