@@ -155,21 +155,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                             window_size=(-1, -1), cache_pos=None):
     """
     Attention for incremental decoding. k_cache/v_cache (B,T_max,Hkv,D) are updated IN PLACE:
-    the new k/v (B,T_new,Hkv,D) are written at position cache_seqlens, then q (B,T_new,H,D)
-    attends over the cache prefix [0, cache_seqlens + T_new). cache_seqlens is not advanced
-    (the caller owns it). The SDPA fallback needs every row at the same position, which is
-    how the Engine uses it; cache_pos (ours, not FA3's) is that position when the caller knows
-    it on the host, which saves a device sync per layer.
+    each row's new k/v (B,T_new,Hkv,D) are written at that row's position cache_seqlens[b], then
+    q (B,T_new,H,D) attends over the row's prefix [0, cache_seqlens[b] + T_new). cache_seqlens is
+    not advanced (the caller owns it). cache_pos (ours, not FA3's) is what the caller knows on the
+    host, which saves a device sync per layer: an int when every row is at that one position (the
+    Engine's case), or a list of per-row positions (continuous batching).
     """
     if _use_fa3(q):
         out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=window_size)
         return out[0] if isinstance(out, tuple) else out
     if cache_pos is None:
-        lowest, highest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()  # one device sync
-        if lowest != highest:
-            raise ValueError(f"the SDPA KV-cache path needs all rows at one position, got positions {lowest}..{highest}")
-        cache_pos = lowest
+        cache_pos = cache_seqlens.tolist()  # one device sync
+    if not isinstance(cache_pos, int):
+        if len(set(cache_pos)) > 1:
+            return _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, max(cache_pos), causal, window_size)
+        cache_pos = cache_pos[0]
     pos = cache_pos
     T_new = 0 if k is None else k.size(1)
     if pos + T_new > k_cache.size(1):
@@ -179,6 +180,37 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         v_cache[:, pos:pos + T_new] = v
     end = pos + T_new
     return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
+
+
+def _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, highest_pos, causal, window_size):
+    """
+    The KV-cache path for rows at different positions: scatter each row's new k/v at its own
+    position, then attend over the longest row's prefix with a per-row mask, so a row never sees
+    keys past its own end (stale entries there belong to nobody).
+    """
+    B, T_new = q.size(0), q.size(1)
+    end = highest_pos + (0 if k is None else k.size(1))
+    if end > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {highest_pos} cached + {end - highest_pos} new tokens > capacity {k_cache.size(1)}")
+    offsets = torch.arange(T_new, device=q.device)
+    query_pos = cache_seqlens.long()[:, None] + offsets  # (B, T_new): each query's absolute position
+    if k is not None:
+        rows = torch.arange(B, device=q.device)[:, None]
+        k_cache[rows, query_pos] = k
+        v_cache[rows, query_pos] = v
+    key_pos = torch.arange(end, device=q.device)
+    left, right = window_size
+    if causal:
+        right = 0
+    allowed = key_pos < (query_pos[:, -1:, None] + 1)  # (B, 1, end): the row's own prefix and new keys
+    if right >= 0:
+        allowed = allowed & (key_pos <= query_pos[..., None] + right)
+    if left >= 0:
+        allowed = allowed & (key_pos >= query_pos[..., None] - left)
+    enable_gqa = q.size(2) != k_cache.size(2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2),
+                                       attn_mask=allowed[:, None], enable_gqa=enable_gqa)
+    return y.transpose(1, 2)
 
 
 flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
