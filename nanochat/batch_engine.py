@@ -4,7 +4,7 @@ one. Every step runs the model once over the rows of all running requests; a new
 after its prompt is prefilled (in chunks, between decode steps, so a long prompt never stalls the
 others for long), and a finished or cancelled one leaves at once, handing its rows back.
 
-    batcher = BatchEngine(model, tokenizer, max_batch=32, max_context=2048)
+    batcher = BatchEngine(model, tokenizer, max_batch=32, kv_cache_tokens=32 * 2048)
     threading.Thread(target=batcher.run, daemon=True).start()
     job = batcher.submit(GenerationRequest(prompt_ids, max_tokens=64, temperature=0.8, top_k=50, seed=7),
                          sink=lambda kind, value: ...)   # ("admitted" | "tokens" | "done" | "error", value)
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step: a 256-token forward costs a few decode steps
 RATE_WINDOW_SECONDS = 10.0  # tokens/s in stats() is measured over this much recent time
+CACHE_LENGTH_STEP = 256  # the cache's rows grow in steps of this many positions
 
 
 @dataclass
@@ -60,23 +61,37 @@ class Job:
     steps: int = 0  # token columns produced
 
     @property
+    def reserved(self):
+        """Cache positions each of its rows may need: the prompt and every token it may generate."""
+        return len(self.request.tokens) + self.request.max_tokens
+
+    @property
     def finished(self):
         return self.steps >= self.request.max_tokens or all(state.completed for state in self.states)
 
 
 class BatchEngine:
-    def __init__(self, model, tokenizer, max_batch=32, max_context=None, prefill_chunk=DEFAULT_PREFILL_CHUNK, publish=None):
+    """
+    max_batch rows at most; their KV cache holds kv_cache_tokens positions in all (rows x the
+    longest conversation in flight, grown and reshaped as requests come), default max_batch x the
+    model's sequence_len; one conversation holds at most max_context (default: all the rotary
+    tables cover, within the budget). A request reserves its prompt plus max_tokens when it starts.
+    """
+
+    def __init__(self, model, tokenizer, max_batch=32, kv_cache_tokens=None, max_context=None,
+                 prefill_chunk=DEFAULT_PREFILL_CHUNK, publish=None):
         config = model.config
-        max_context = max_context or config.sequence_len
-        if max_context > model.rotary_seq_len:
-            raise ValueError(f"max_context {max_context} is past the model's rotary tables ({model.rotary_seq_len} positions)")
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        self.kv_cache_tokens = kv_cache_tokens or max_batch * config.sequence_len
+        max_context = max_context or model.rotary_seq_len
+        if max_context > model.rotary_seq_len:
+            raise ValueError(f"max_context {max_context} is past the model's rotary tables ({model.rotary_seq_len} positions)")
+        self.max_context = min(max_context, self.kv_cache_tokens)
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_context, self.prefill_chunk = max_batch, max_context, prefill_chunk
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.device = model.get_device()
-        self.cache = RowKVCache(max_batch, max_context, config.n_kv_head, config.n_embd // config.n_head, config.n_layer,
-                                self.device)
+        self.cache = RowKVCache(0, 0, config.n_kv_head, config.n_embd // config.n_head, config.n_layer, self.device)
         self.special = special_token_ids(tokenizer)
         self.publish = publish or _call_sinks
         self.waiting = deque()  # submitted, not yet given rows (FIFO)
@@ -90,6 +105,10 @@ class BatchEngine:
         self._rate_samples = deque()  # (time, tokens_generated) over the last RATE_WINDOW_SECONDS
         self.longest_first_token_wait = 0.0
 
+    def room(self, prompt_tokens, num_samples=1):
+        """The most tokens a request may generate after prompt_tokens (< 1: it cannot run here)."""
+        return min(self.max_context, self.kv_cache_tokens // num_samples) - prompt_tokens
+
     # -------------------------------------------------------------------------
     # Any thread
 
@@ -99,9 +118,10 @@ class BatchEngine:
             raise ValueError("tokens must be a non-empty list of token ids (ints)")
         if not 1 <= request.num_samples <= self.max_batch:
             raise ValueError(f"num_samples must be in [1, {self.max_batch}] (the batch size), got {request.num_samples}")
-        if request.max_tokens < 1 or len(request.tokens) + request.max_tokens > self.max_context:
-            raise ValueError(f"{len(request.tokens)} prompt tokens + max_tokens {request.max_tokens} do not fit the "
-                             f"{self.max_context} positions of a cache row")
+        if not 1 <= request.max_tokens <= self.room(len(request.tokens), request.num_samples):
+            raise ValueError(f"{len(request.tokens)} prompt tokens + max_tokens {request.max_tokens} do not fit: a "
+                             f"conversation holds {self.max_context} positions, and the KV cache "
+                             f"{self.kv_cache_tokens} for all {request.num_samples} samples")
         if request.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {request.temperature}")
         job = Job(request, sink)
@@ -128,23 +148,27 @@ class BatchEngine:
         rate = 0.0
         if samples and now - samples[0][0] > 0:
             rate = (self.tokens_generated - samples[0][1]) / max(now - samples[0][0], 1e-9)
-        waiting = list(self.waiting) + list(self._inbox)
+        waiting = self._not_started()
         return {"active_requests": len(self.decoding) + len(self.prefilling), "batch_rows": self.rows_used,
                 "max_batch": self.max_batch, "waiting_requests": self.queued(),
+                "kv_cache_rows": self.cache.max_rows, "kv_cache_length": self.cache.max_seq_len,
                 "oldest_wait_s": round(max((now - job.submitted for job in waiting), default=0.0), 3),
                 "longest_first_token_wait_s": round(self.longest_first_token_wait, 3),
                 "tokens_per_s": round(rate, 1), "tokens_generated": self.tokens_generated}
 
+    def _not_started(self):
+        return [job for job in list(self.waiting) + list(self._inbox) if not job.cancelled]
+
     def load(self):
         """Rows in use or asked for by requests not yet running: how busy this engine is."""
-        waiting = list(self.waiting) + list(self._inbox)
+        waiting = self._not_started()
         return self.rows_used + sum(len(job.rows) for job in list(self.prefilling)) \
             + sum(job.request.num_samples for job in waiting)
 
     def queued(self):
         """Requests submitted that the free rows cannot take now, in order: the real queue."""
         free = self.max_batch - self.rows_used - sum(len(job.rows) for job in list(self.prefilling))
-        waiting = list(self.waiting) + list(self._inbox)
+        waiting = self._not_started()
         for i, job in enumerate(waiting):
             if job.request.num_samples > free:
                 return len(waiting) - i
@@ -201,8 +225,12 @@ class BatchEngine:
         while self.waiting:
             job = self.waiting[0]
             first_free = max([self.rows_used] + [row + 1 for other in self.prefilling for row in other.rows])
-            if first_free + job.request.num_samples > self.max_batch:
+            rows = first_free + job.request.num_samples
+            length = max(other.reserved for other in [job, *self.prefilling, *self.decoding])
+            if rows > self.max_batch or rows * length > self.kv_cache_tokens:
                 return
+            if rows > self.cache.max_rows or length > self.cache.max_seq_len:
+                self._reshape_cache(rows, length, keep_rows=first_free)
             self.waiting.popleft()
             job.rows = list(range(first_free, first_free + job.request.num_samples))
             for i, row in enumerate(job.rows):
@@ -212,6 +240,17 @@ class BatchEngine:
             job.rng.manual_seed(job.request.seed)
             self.prefilling.append(job)
             events.append((job, "admitted", None))
+
+    def _reshape_cache(self, rows, length, keep_rows):
+        """Reallocate the cache to hold at least rows x length, with headroom (fewer reallocations) where the budget allows."""
+        candidates = [(min(self.max_batch, 1 << (rows - 1).bit_length()), -(-length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP),
+                      (rows, -(-length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP), (rows, length)]
+        for new_rows, new_length in candidates:
+            new_length = min(new_length, self.max_context)
+            if new_rows * new_length <= self.kv_cache_tokens:
+                self.cache.resize(new_rows, new_length, keep_rows)
+                return
+        raise AssertionError(f"{rows} x {length} was checked against the budget of {self.kv_cache_tokens}")
 
     def _prefill(self):
         """Run up to prefill_chunk prompt tokens, oldest job first; a job whose prompt is in joins the batch."""

@@ -6,6 +6,7 @@ continuous batching (nanochat.batch_engine), where conversations join and leave 
     logits = model.forward(prompt_ids, kv_cache=cache.rows(5, 6))   # prefill one conversation into row 5
     logits = model.forward(last_ids, kv_cache=cache.rows(0, 12))    # one decode step for rows 0..11
     cache.move_row(11, 3)                                           # row 3 left: keep the batch contiguous
+    cache.resize(16, 512, keep_rows=11)                             # more rows, shorter ones: same token count
 
 The model sees a view of some rows, with the Engine's KVCache interface; get_pos() is one int when
 those rows share a position and a list of per-row positions otherwise. Per-row state the model
@@ -40,6 +41,32 @@ class RowKVCache:
 
     def nbytes(self):
         return self.k_cache.nbytes + self.v_cache.nbytes
+
+    def resize(self, max_rows, max_len, keep_rows):
+        """
+        Reallocate as max_rows x max_len, keeping rows [0, keep_rows) (each row's filled prefix
+        must fit max_len). Views made before are stale afterwards; while it copies, old and new
+        tensors are both allocated.
+        """
+        if keep_rows > max_rows or any(pos > max_len for pos in self.positions[:keep_rows]):
+            raise ValueError(f"cannot shrink to {max_rows} rows x {max_len}: rows [0, {keep_rows}) hold "
+                             f"positions up to {max(self.positions[:keep_rows], default=0)}")
+        keep_len = min(max_len, self.max_seq_len)
+        old_k, old_v, old_seqlens = self.k_cache, self.v_cache, self.cache_seqlens
+        shape = (self.n_layers, max_rows, max_len, self.n_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=old_k.dtype, device=old_k.device)
+        self.v_cache = torch.zeros(shape, dtype=old_v.dtype, device=old_v.device)
+        self.k_cache[:, :keep_rows, :keep_len] = old_k[:, :keep_rows, :keep_len]
+        self.v_cache[:, :keep_rows, :keep_len] = old_v[:, :keep_rows, :keep_len]
+        self.cache_seqlens = torch.zeros(max_rows, dtype=torch.int32, device=old_seqlens.device)
+        self.cache_seqlens[:keep_rows] = old_seqlens[:keep_rows]
+        self.positions = self.positions[:keep_rows] + [0] * (max_rows - keep_rows)
+        for name, state in self.row_state.items():
+            grown = torch.zeros((max_rows, *state.shape[1:]), dtype=state.dtype, device=state.device)
+            grown[:keep_rows] = state[:keep_rows]
+            self.row_state[name] = grown
+            self.row_state_set[name] = self.row_state_set[name][:keep_rows] + [False] * (max_rows - keep_rows)
+        self.max_rows, self.max_seq_len = max_rows, max_len
 
     def rows(self, start, stop):
         """The model's view of rows [start, stop)."""

@@ -209,6 +209,9 @@ def test_row_state_the_model_keeps_moves_and_clears_with_its_row():
     assert cache.rows(1, 3).get_pos() == [0, 3] and cache.cache_seqlens.tolist() == [0, 0, 3, 0]
     cache.move_row(2, 0)
     assert cache.positions[0] == 3 and cache.rows(0, 1).prev_embedding[0, 0].tolist() == [5.0, 5.0]
+    cache.resize(6, 5, keep_rows=3)  # more, shorter rows: what the kept rows hold stays
+    assert cache.positions == [3, 0, 3, 0, 0, 0] and cache.rows(2, 3).prev_embedding[0, 0].tolist() == [5.0, 5.0]
+    assert cache.k_cache.shape == (1, 6, 5, 2, 4) and cache.rows(3, 6).prev_embedding is None
     cache.clear_row(0)
     assert cache.positions[0] == 0 and cache.rows(0, 1).prev_embedding is None
     with pytest.raises(RuntimeError, match="mix rows"):
@@ -217,11 +220,40 @@ def test_row_state_the_model_keeps_moves_and_clears_with_its_row():
         cache.rows(0, 2).prev_embedding = torch.zeros(3, 1, 2)
 
 
+def test_the_cache_grows_and_reshapes_within_its_token_budget(gpt, tiny_tokenizer):
+    engine = Engine(gpt, tiny_tokenizer)
+    batcher = BatchEngine(gpt, tiny_tokenizer, max_batch=4, kv_cache_tokens=256, max_context=200)
+    prompt = prompt_of(tiny_tokenizer, "a dog")
+    requests = [GenerationRequest(prompt, max_tokens=40 - len(prompt), temperature=1.0, seed=1),  # reserves 40
+                GenerationRequest(prompt, max_tokens=60 - len(prompt), temperature=1.0, seed=2),  # 60
+                GenerationRequest(prompt, max_tokens=50 - len(prompt), temperature=1.0, seed=3),  # 50
+                GenerationRequest(prompt, max_tokens=200 - len(prompt), temperature=1.0, seed=4)]  # 200: waits for a lone row
+    log = []
+    recorders = [Recorder(log) for _ in requests]
+    shapes = set()
+    for request, recorder in zip(requests, recorders):
+        batcher.submit(request, recorder)
+        for _ in range(2):  # each arrives while the others run: the cache reshapes under them
+            batcher.step()
+            shapes.add((batcher.cache.max_rows, batcher.cache.max_seq_len))
+    while batcher.waiting or batcher.prefilling or batcher.decoding:
+        batcher.step()
+        shapes.add((batcher.cache.max_rows, batcher.cache.max_seq_len))
+    assert all(rows * length <= 256 for rows, length in shapes) and len(shapes) >= 3, shapes
+    admitted = [kind for _, kind in log].count("admitted")
+    assert admitted == 4 and log.index((recorders[3], "admitted")) > log.index((recorders[1], "done"))
+    for request, recorder in zip(requests, recorders):
+        assert recorder.columns == solo(engine, request)[0]
+
+
 def test_requests_that_cannot_fit_are_refused(gpt, tiny_tokenizer):
-    batcher = BatchEngine(gpt, tiny_tokenizer, max_batch=2, max_context=32)
+    batcher = BatchEngine(gpt, tiny_tokenizer, max_batch=2, kv_cache_tokens=48, max_context=32)
     prompt = prompt_of(tiny_tokenizer, "the cat")
+    assert batcher.room(len(prompt)) == 32 - len(prompt) and batcher.room(len(prompt), 2) == 24 - len(prompt)
     with pytest.raises(ValueError, match="do not fit"):
         batcher.submit(GenerationRequest(prompt, max_tokens=33 - len(prompt)), print)
+    with pytest.raises(ValueError, match="do not fit"):  # two samples of 32 positions: more than the 48 of the cache
+        batcher.submit(GenerationRequest(prompt, num_samples=2, max_tokens=32 - len(prompt)), print)
     with pytest.raises(ValueError, match="num_samples"):
         batcher.submit(GenerationRequest(prompt, num_samples=3, max_tokens=4), print)
     with pytest.raises(ValueError, match="rotary"):
