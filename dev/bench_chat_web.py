@@ -4,7 +4,7 @@ next request as soon as the last one ends. Per N it prints the aggregate tokens/
 first token (TTFT, p50/p95) and the inter-token latency (p50/p95) the clients saw.
 
     python dev/bench_chat_web.py                                 # a random-init d4 model in a temp dir; N = 1, 8, 32
-    python dev/bench_chat_web.py --upstream-dir /tmp/upstream    # also upstream's chat_web (a checkout of it), side by side
+    python dev/bench_chat_web.py --compare upstream=/tmp/upstream --compare before=/tmp/old   # other checkouts, side by side
     python dev/bench_chat_web.py --url http://127.0.0.1:8000     # a server that is already running
     python dev/bench_chat_web.py --base-dir ~/.cache/nanochat --source sft --model-tag d20 --seconds 60
 
@@ -219,21 +219,34 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def measure(url, clients, args):
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (all its threads), from /proc; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def measure(url, clients, args, pid=None):
     host, port = url.split("//")[1].split(":")
     port = int(port)
     warm = Record(time.perf_counter())  # the first request pays for lazy setup (allocations, kernel choice)
     await one_request(host, port, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 8}, warm, float("inf"))
     records = []
+    cpu_start = cpu_seconds(pid) if pid else None
     start = time.perf_counter()
     deadline = start + args.seconds
     await asyncio.gather(*(client(i, host, port, args, deadline, records) for i in range(clients)))
+    cpu = cpu_seconds(pid) - cpu_start if cpu_start is not None else float("nan")
     tokens = sum(1 for r in records for t in r.token_times if t <= deadline)
     ttft = [r.first - r.sent for r in records if r.first is not None and r.first <= deadline]
     gaps = [b - a for r in records for a, b in zip(r.token_times, r.token_times[1:]) if b <= deadline]
     return {"clients": clients, "tokens_per_s": tokens / args.seconds, "requests": len(ttft),
             "ttft_p50_ms": 1000 * percentile(ttft, 0.5), "ttft_p95_ms": 1000 * percentile(ttft, 0.95),
-            "itl_p50_ms": 1000 * percentile(gaps, 0.5), "itl_p95_ms": 1000 * percentile(gaps, 0.95)}
+            "itl_p50_ms": 1000 * percentile(gaps, 0.5), "itl_p95_ms": 1000 * percentile(gaps, 0.95),
+            "server_cpu_ms_per_token": 1000 * cpu / max(tokens, 1)}
 
 
 # -----------------------------------------------------------------------------
@@ -252,7 +265,9 @@ def parse_args(argv=None):
     parser.add_argument("--model-tag", type=str, default=BENCH_MODEL_TAG, help="chat_web -g")
     parser.add_argument("--device-type", type=str, default="cpu")
     parser.add_argument("--server-args", type=str, default="", help="extra flags for our chat_web (e.g. '--max-batch 16')")
-    parser.add_argument("--upstream-dir", type=str, default=None, help="a checkout of upstream nanochat: also benchmark its chat_web")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                        help="also benchmark the chat_web of another checkout (upstream's, or ours before a change), "
+                             "started with the common flags only; repeatable")
     parser.add_argument("--url", type=str, default=None, help="benchmark only this running server (http://host:port)")
     parser.add_argument("--port", type=int, default=8765, help="port for the servers this script starts")
     return parser.parse_args(argv)
@@ -270,11 +285,12 @@ def main(argv=None):
         if args.model_tag == BENCH_MODEL_TAG:
             make_checkpoint(args.base_dir)
         servers = [chat_web_server("ours", REPO_ROOT, args, args.port)]
-        if args.upstream_dir:
-            upstream = os.path.abspath(args.upstream_dir)
-            # upstream's flags, without ours
-            servers.append(chat_web_server("upstream", upstream, argparse.Namespace(**{**vars(args), "server_args": ""}),
-                                           args.port + 1))
+        common_flags_only = argparse.Namespace(**{**vars(args), "server_args": ""})
+        for i, spec in enumerate(args.compare):
+            name, _, directory = spec.partition("=")
+            if not directory or not os.path.isdir(directory):
+                raise SystemExit(f"--compare wants NAME=DIR with DIR a checkout holding scripts/chat_web.py, got {spec!r}")
+            servers.append(chat_web_server(name, os.path.abspath(directory), common_flags_only, args.port + 1 + i))
     results = {server.name: {n: [] for n in clients} for server in servers}
     log_dir = tempfile.mkdtemp(prefix="bench_chat_web_logs_")
     for round_index in range(args.rounds):
@@ -282,24 +298,24 @@ def main(argv=None):
             server.start(os.path.join(log_dir, f"{server.name}_{round_index}.log"))
             try:
                 for n in clients:
-                    result = asyncio.run(measure(server.url, n, args))
+                    result = asyncio.run(measure(server.url, n, args, server.process.pid if server.process else None))
                     results[server.name][n].append(result)
                     print(f"round {round_index + 1} {server.name:8s} N={n:3d}  {result['tokens_per_s']:8.1f} tok/s  "
                           f"TTFT p50 {result['ttft_p50_ms']:7.1f} ms p95 {result['ttft_p95_ms']:7.1f} ms  "
                           f"ITL p50 {result['itl_p50_ms']:6.1f} ms p95 {result['itl_p95_ms']:6.1f} ms  "
-                          f"({result['requests']} replies)", flush=True)
+                          f"server CPU {result['server_cpu_ms_per_token']:5.2f} ms/token ({result['requests']} replies)", flush=True)
             finally:
                 server.stop()
 
     summary = {name: {n: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for n, runs in by_n.items()}
                for name, by_n in results.items()}
     print()
-    print("| server | N | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | N | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | server CPU ms/token |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, by_n in summary.items():
         for n, r in by_n.items():
             print(f"| {name} | {n} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
-                  f"{r['itl_p50_ms']:.1f} | {r['itl_p95_ms']:.1f} |")
+                  f"{r['itl_p50_ms']:.1f} | {r['itl_p95_ms']:.1f} | {r['server_cpu_ms_per_token']:.2f} |")
     print(json.dumps({"args": vars(args), "results": summary}))
 
 

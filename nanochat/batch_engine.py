@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import RowState, sample_next_token, special_token_ids, step_row
+from nanochat.engine import RowState, draw, sampling_distribution, special_token_ids, step_row
 from nanochat.row_cache import RowKVCache
 
 logger = logging.getLogger(__name__)
@@ -283,11 +283,10 @@ class BatchEngine:
 
     def _sample(self, events):
         """Every decoding job takes its next column of tokens; finished ones leave."""
+        sampled = self._sample_all()
         for job in list(self.decoding):
-            request = job.request
-            sampled = sample_next_token(job.logits, job.rng, request.temperature, request.top_k, request.top_p)[:, 0].tolist()
             column, masks = [], []
-            for state, sampled_token in zip(job.states, sampled):
+            for state, sampled_token in zip(job.states, sampled[job]):
                 token, mask = step_row(state, sampled_token, self.special, self.tokenizer)
                 column.append(token)
                 masks.append(mask)
@@ -305,6 +304,31 @@ class BatchEngine:
         self._rate_samples.append((now, self.tokens_generated))
         while self._rate_samples and now - self._rate_samples[0][0] > RATE_WINDOW_SECONDS:
             self._rate_samples.popleft()
+
+    def _sample_all(self):
+        """
+        {job: its sampled ids}. Jobs with the same settings share one pass over their logits (top-k,
+        softmax: row by row, so each row gets what it would alone); each job then draws from its
+        rows with its own generator, exactly as Engine.generate would.
+        """
+        groups = {}
+        for job in self.decoding:
+            request = job.request
+            groups.setdefault((request.temperature, request.top_k, request.top_p), []).append(job)
+        sampled = {}
+        for (temperature, top_k, top_p), jobs in groups.items():
+            logits = torch.cat([job.logits for job in jobs]) if len(jobs) > 1 else jobs[0].logits
+            if temperature == 0:
+                ids = torch.argmax(logits, dim=-1)
+            else:
+                probs, top_ids = sampling_distribution(logits, temperature, top_k, top_p)
+                bounds = _cumulative([job.request.num_samples for job in jobs])
+                ids = torch.cat([draw(probs[a:b], None, job.rng) for job, (a, b) in zip(jobs, bounds)])
+                ids = (ids if top_ids is None else top_ids.gather(-1, ids))[:, 0]
+            flat = ids.tolist()  # the one device sync per group
+            for job, (a, b) in zip(jobs, _cumulative([job.request.num_samples for job in jobs])):
+                sampled[job] = flat[a:b]
+        return sampled
 
     def _decode(self):
         """One forward of every decoding row's last token; each job keeps its rows' logits."""
@@ -343,6 +367,15 @@ class BatchEngine:
         job, i = self.owner[src]
         job.rows[i] = dst
         self.owner[dst], self.owner[src] = (job, i), None
+
+
+def _cumulative(sizes):
+    """[2, 1, 3] -> [(0, 2), (2, 3), (3, 6)]"""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
 
 
 def _call_sinks(events):

@@ -107,6 +107,16 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
+    return draw(probs, ids, rng)
+
+
+def sampling_distribution(logits, temperature, top_k=None, top_p=None):
+    """
+    The distribution sample_next_token draws from, per row: (probs (B, K), ids (B, K) or None when
+    K is the whole vocab). Every step works row by row, so rows of a bigger batch get exactly
+    what they would get alone (the batch engine computes it once for many requests).
+    """
     ids = None
     if top_k is not None and top_k > 0:
         logits, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
@@ -117,6 +127,11 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs, ids
+
+
+def draw(probs, ids, rng):
+    """One id per row from sampling_distribution's output, with the generator rng -> (B, 1)."""
     choice = torch.multinomial(probs, num_samples=1, generator=rng)
     return choice if ids is None else ids.gather(-1, choice)
 

@@ -20,6 +20,7 @@ upstream tests also re-resolve `USE_FA3 = _resolve_use_fa3()` after setting it; 
 
 import logging
 import os
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -169,7 +170,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         cache_pos = cache_seqlens.tolist()  # one device sync
     if not isinstance(cache_pos, int):
         if len(set(cache_pos)) > 1:
-            return _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, max(cache_pos), causal, window_size)
+            return _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, cache_pos, causal, window_size)
         cache_pos = cache_pos[0]
     pos = cache_pos
     T_new = 0 if k is None else k.size(1)
@@ -182,35 +183,57 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
 
 
-def _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, highest_pos, causal, window_size):
+def _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, positions, causal, window_size):
     """
     The KV-cache path for rows at different positions: scatter each row's new k/v at its own
     position, then attend over the longest row's prefix with a per-row mask, so a row never sees
     keys past its own end (stale entries there belong to nobody).
     """
-    B, T_new = q.size(0), q.size(1)
-    end = highest_pos + (0 if k is None else k.size(1))
+    T_new = q.size(1)
+    end = max(positions) + (0 if k is None else k.size(1))
     if end > k_cache.size(1):
-        raise ValueError(f"KV cache overflow: {highest_pos} cached + {end - highest_pos} new tokens > capacity {k_cache.size(1)}")
-    offsets = torch.arange(T_new, device=q.device)
-    query_pos = cache_seqlens.long()[:, None] + offsets  # (B, T_new): each query's absolute position
+        raise ValueError(f"KV cache overflow: {max(positions)} cached + {end - max(positions)} new tokens > capacity {k_cache.size(1)}")
+    rows, query_pos, allowed = _row_layout(cache_seqlens, positions, T_new, end, causal, window_size)
     if k is not None:
-        rows = torch.arange(B, device=q.device)[:, None]
         k_cache[rows, query_pos] = k
         v_cache[rows, query_pos] = v
-    key_pos = torch.arange(end, device=q.device)
-    left, right = window_size
-    if causal:
-        right = 0
-    allowed = key_pos < (query_pos[:, -1:, None] + 1)  # (B, 1, end): the row's own prefix and new keys
-    if right >= 0:
-        allowed = allowed & (key_pos <= query_pos[..., None] + right)
-    if left >= 0:
-        allowed = allowed & (key_pos >= query_pos[..., None] - left)
     enable_gqa = q.size(2) != k_cache.size(2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2),
-                                       attn_mask=allowed[:, None], enable_gqa=enable_gqa)
+                                       attn_mask=allowed, enable_gqa=enable_gqa)
     return y.transpose(1, 2)
+
+
+_layouts = threading.local()  # per thread: each serving thread drives its own model
+
+
+def _row_layout(cache_seqlens, positions, T_new, end, causal, window_size):
+    """
+    (row index (B, 1), each new query's position (B, T_new), boolean mask (B, 1, T_new, end)).
+    Every layer of one forward asks with the same cache_seqlens tensor at the same positions
+    (the cache advances after the last layer), so the answer is built once and kept for them.
+    """
+    state = (positions if isinstance(positions, tuple) else tuple(positions), T_new)
+    memo = getattr(_layouts, "memo", None)
+    if memo is None or memo["seqlens"] is not cache_seqlens or memo["state"] != state:
+        device = cache_seqlens.device
+        memo = {"seqlens": cache_seqlens, "state": state, "masks": {},
+                "rows": torch.arange(cache_seqlens.size(0), device=device)[:, None],
+                "query_pos": cache_seqlens.long()[:, None] + torch.arange(T_new, device=device)}
+        _layouts.memo = memo
+    key = (end, causal, tuple(window_size))
+    if key not in memo["masks"]:
+        query_pos = memo["query_pos"]
+        key_pos = torch.arange(end, device=cache_seqlens.device)
+        left, right = window_size
+        if causal:
+            right = 0
+        allowed = key_pos < (query_pos[:, -1:, None] + 1)  # (B, 1, end): the row's own prefix and new keys
+        if right >= 0:
+            allowed = allowed & (key_pos <= query_pos[..., None] + right)
+        if left >= 0:
+            allowed = allowed & (key_pos >= query_pos[..., None] - left)
+        memo["masks"][key] = allowed[:, None]
+    return memo["rows"], memo["query_pos"], memo["masks"][key]
 
 
 flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)
