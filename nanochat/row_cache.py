@@ -39,8 +39,9 @@ class RowKVCache:
         self.row_state = {}  # name -> tensor (max_rows, ...)
         self.row_state_set = {}  # name -> [bool] * max_rows: which rows hold a value
 
-    def nbytes(self):
-        return self.k_cache.nbytes + self.v_cache.nbytes
+    def bytes_per_position(self):
+        """Memory one cached token takes: its keys and values in every layer."""
+        return 2 * self.n_layers * self.n_heads * self.head_dim * self.k_cache.element_size()
 
     def resize(self, max_rows, max_len, keep_rows):
         """

@@ -167,10 +167,10 @@ def load_workers(args):
                               f"(its rotary tables), got {args.max_context}")
         worker = make_worker(gpu_id, device, model, tokenizer, args.max_batch, args.kv_cache_tokens, args.max_context,
                              args.prefill_chunk)
-        config, batcher = model.config, worker.batcher
-        bytes_per_token = 2 * config.n_layer * config.n_kv_head * (config.n_embd // config.n_head) * batcher.cache.k_cache.element_size()
+        batcher = worker.batcher
+        cache_gib = batcher.kv_cache_tokens * batcher.cache.bytes_per_position() / 2 ** 30
         logger.info(f"KV cache on {device}: up to {batcher.max_batch} rows, {batcher.kv_cache_tokens} positions "
-                    f"({batcher.kv_cache_tokens * bytes_per_token / 2 ** 30:.2f} GiB), {batcher.max_context} per conversation")
+                    f"({cache_gib:.2f} GiB), {batcher.max_context} per conversation")
         workers.append(worker)
     return workers, f"nanochat-{args.source}-{model_tag}-{step}"
 
