@@ -109,10 +109,26 @@ class Worker:
     batcher: BatchEngine
 
     def start(self, loop):
-        """Run the decode loop; its events reach the request handlers through one event-loop callback per step."""
+        """
+        Run the decode loop. Its events reach the request handlers through one event-loop callback
+        per step, or fewer: while one is pending, later steps' events join it (each wake-up of the
+        loop thread costs the decode thread a system call and, on a busy machine, its core).
+        """
+        pending, lock = [], threading.Lock()
+
+        def deliver():
+            with lock:
+                events = pending[:]
+                pending.clear()
+            _dispatch(events)
+
         def publish(events):
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(_dispatch, events)
+            with lock:
+                wake = not pending
+                pending.extend(events)
+            if wake:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+                    loop.call_soon_threadsafe(deliver)
         self.batcher.publish = publish
 
         def run():
