@@ -222,12 +222,12 @@ def test_row_state_the_model_keeps_moves_and_clears_with_its_row():
 
 def test_the_cache_grows_and_reshapes_within_its_token_budget(gpt, tiny_tokenizer):
     engine = Engine(gpt, tiny_tokenizer)
-    batcher = BatchEngine(gpt, tiny_tokenizer, max_batch=4, kv_cache_tokens=256, max_context=200)
+    batcher = BatchEngine(gpt, tiny_tokenizer, max_batch=4, kv_cache_tokens=128, max_context=100)
     prompt = prompt_of(tiny_tokenizer, "a dog")
-    requests = [GenerationRequest(prompt, max_tokens=40 - len(prompt), temperature=1.0, seed=1),  # reserves 40
-                GenerationRequest(prompt, max_tokens=60 - len(prompt), temperature=1.0, seed=2),  # 60
-                GenerationRequest(prompt, max_tokens=50 - len(prompt), temperature=1.0, seed=3),  # 50
-                GenerationRequest(prompt, max_tokens=200 - len(prompt), temperature=1.0, seed=4)]  # 200: waits for a lone row
+    requests = [GenerationRequest(prompt, max_tokens=20 - len(prompt), temperature=1.0, seed=1),  # reserves 20 positions
+                GenerationRequest(prompt, max_tokens=30 - len(prompt), temperature=1.0, seed=2),  # 30
+                GenerationRequest(prompt, max_tokens=25 - len(prompt), temperature=1.0, seed=3),  # 25
+                GenerationRequest(prompt, max_tokens=100 - len(prompt), temperature=1.0, seed=4)]  # 100: waits for a lone row
     log = []
     recorders = [Recorder(log) for _ in requests]
     shapes = set()
@@ -239,7 +239,7 @@ def test_the_cache_grows_and_reshapes_within_its_token_budget(gpt, tiny_tokenize
     while batcher.waiting or batcher.prefilling or batcher.decoding:
         batcher.step()
         shapes.add((batcher.cache.max_rows, batcher.cache.max_seq_len))
-    assert all(rows * length <= 256 for rows, length in shapes) and len(shapes) >= 3, shapes
+    assert all(rows * length <= 128 for rows, length in shapes) and len(shapes) >= 3, shapes
     admitted = [kind for _, kind in log].count("admitted")
     assert admitted == 4 and log.index((recorders[3], "admitted")) > log.index((recorders[1], "done"))
     for request, recorder in zip(requests, recorders):
