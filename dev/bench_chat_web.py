@@ -253,17 +253,19 @@ async def measure(url, clients, args, pid=None):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="chat_web under N concurrent streaming clients: tokens/s, TTFT, inter-token latency",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--clients", type=str, default="1,8,32", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per (server, N)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating the servers; the median is reported")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--base-dir", type=str, default=None, help="NANOCHAT_BASE_DIR of the model (default: a temp dir with a random d4)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="temperature of every request")
+    parser.add_argument("--top-k", type=int, default=50, help="top_k of every request")
+    parser.add_argument("--base-dir", type=str, default=None,
+                        help="NANOCHAT_BASE_DIR of the model (None: a new temp dir, with a random d4 made in it)")
     parser.add_argument("--source", type=str, default="base", help="chat_web -i")
     parser.add_argument("--model-tag", type=str, default=BENCH_MODEL_TAG, help="chat_web -g")
-    parser.add_argument("--device-type", type=str, default="cpu")
+    parser.add_argument("--device-type", type=str, default="cpu", help="chat_web --device-type")
     parser.add_argument("--server-args", type=str, default="", help="extra flags for our chat_web (e.g. '--max-batch 16')")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
                         help="also benchmark the chat_web of another checkout (upstream's, or ours before a change), "

@@ -85,10 +85,10 @@ def parse_args(argv=None):
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                         help="rows (replies) each worker decodes together; an n-sample request takes n")
     parser.add_argument("--kv-cache-tokens", type=int, default=None,
-                        help="positions each worker's KV cache holds in all, rows x the longest conversation in flight "
-                             "(default: max-batch x the model's sequence_len); past it requests wait")
+                        help="positions each worker's KV cache holds in all, rows x the longest conversation in flight; "
+                             "past it requests wait (None: max-batch x the model's sequence_len)")
     parser.add_argument("--max-context", type=int, default=None,
-                        help="tokens one conversation may hold, prompt and reply (default: as far as the model's rotary "
+                        help="tokens one conversation may hold, prompt and reply (None: as far as the model's rotary "
                              "tables reach, 10 x sequence_len, within --kv-cache-tokens)")
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                         help="prompt tokens prefilled between two decode steps, so long prompts do not stall other replies")
