@@ -187,6 +187,13 @@ def slow_steps(local, monkeypatch):
 
 
 @pytest.fixture
+def endless(local, monkeypatch):
+    """Replies run to max_tokens: the decode loop no longer sees the tokens that end a turn (the barely trained model may emit them any time)."""
+    for name in ("assistant_end", "bos"):
+        monkeypatch.setitem(local.batcher.special, name, -1)
+
+
+@pytest.fixture
 def event_log(local, monkeypatch):
     """Every (job, kind) the worker's decode loop publishes, in its order (a list filled while the test runs)."""
     log = []
@@ -510,7 +517,7 @@ def test_per_request_stop_strings_and_max_tokens_hold_in_one_batch(local, monkey
     assert replies[3]["message"]["content"] == full[3]
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_other_streams_steps(local, event_log):
+def test_a_long_prompt_is_prefilled_in_chunks_between_other_streams_steps(local, event_log, endless):
     short = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "temperature": 0, "max_tokens": 400})
     assert "token" in short.next_event()
     long_messages = [{"role": "user", "content": "the old king remembers the garden and a long road. " * 30}]
@@ -525,12 +532,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_other_streams_steps(local,
     admitted = event_log.index((long_job, "admitted"))
     first_token = event_log.index((long_job, "tokens"))
     other_tokens = [job for job, kind in event_log[admitted:first_token] if kind == "tokens" and job is not long_job]
-    short_done = any(kind == "done" for job, kind in event_log[:first_token] if job is not long_job)
-    # one decode step of the running stream after each chunk of the long prompt (unless it ended first)
-    assert len(other_tokens) >= chunks - 1 or short_done, (len(other_tokens), chunks)
+    # one decode step of the running stream after each chunk of the long prompt
+    assert len(other_tokens) >= chunks - 1, (len(other_tokens), chunks)
 
 
-def test_health_answers_while_a_stream_runs(local, slow_steps):
+def test_health_answers_while_a_stream_runs(local, slow_steps, endless):
     slow_steps(1.0)
     stream = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 4096, "temperature": 0})
     try:
@@ -545,7 +551,7 @@ def test_health_answers_while_a_stream_runs(local, slow_steps):
         stream.hang_up()
 
 
-def test_client_that_disconnects_frees_its_row_at_once(local, slow_steps):
+def test_client_that_disconnects_frees_its_row_at_once(local, slow_steps, endless):
     steps = slow_steps(0.1)
     leaving = OpenStream(local.port, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True})
     staying = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 30, "temperature": 1.0})
@@ -553,17 +559,17 @@ def test_client_that_disconnects_frees_its_row_at_once(local, slow_steps):
     assert "token" in staying.next_event()
     wait_until(lambda: stats(local.port)["batch_rows"] == 2, 5, "both streams in the batch")
     leaving.hang_up()
-    wait_until(lambda: stats(local.port)["batch_rows"] == 1, 2, "the row to be freed after the disconnect")
+    wait_until(lambda: stats(local.port)["batch_rows"] == 1, 5, "the row to be freed after the disconnect")
     events = [staying.next_event()]
     while events[-1] != {"done": True}:
         events.append(staying.next_event())
-    wait_until(lambda: stats(local.port)["active_requests"] == 0, 2, "the batch to empty")
+    wait_until(lambda: stats(local.port)["active_requests"] == 0, 5, "the batch to empty")
     stopped_at = steps[0]
     time.sleep(0.5)
     assert steps[0] == stopped_at  # an empty batch does not step
 
 
-def test_non_streaming_client_that_disconnects_frees_its_row(local, slow_steps):
+def test_non_streaming_client_that_disconnects_frees_its_row(local, slow_steps, endless):
     steps = slow_steps(0.1)
     body = json.dumps({"messages": HELLO, "max_tokens": 400, "temperature": 0}).encode()
     client = socket.create_connection(("127.0.0.1", local.port))
@@ -571,13 +577,13 @@ def test_non_streaming_client_that_disconnects_frees_its_row(local, slow_steps):
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     wait_until(lambda: steps[0] >= 3, 5, "a few decode steps")
     client.close()
-    wait_until(lambda: stats(local.port)["active_requests"] == 0, 2, "the row to be freed after the disconnect")
+    wait_until(lambda: stats(local.port)["active_requests"] == 0, 5, "the row to be freed after the disconnect")
     stopped_at = steps[0]
     time.sleep(0.5)
     assert steps[0] == stopped_at < 100  # generation stopped, far before its 400 tokens
 
 
-def test_full_queue_gets_503_with_retry_after(local, slow_steps):
+def test_full_queue_gets_503_with_retry_after(local, slow_steps, endless):
     slow_steps(0.1)
     holders = [OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 400, "temperature": 0})
                for _ in range(LOCAL_MAX_BATCH)]
@@ -599,7 +605,7 @@ def test_full_queue_gets_503_with_retry_after(local, slow_steps):
             holder.hang_up()
 
 
-def test_a_burst_gets_rows_a_queue_and_503s_and_every_accepted_reply_completes(local, slow_steps):
+def test_a_burst_gets_rows_a_queue_and_503s_and_every_accepted_reply_completes(local, slow_steps, endless):
     slow_steps(0.05)
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda i: call(local.port, "POST", "/chat/completions",
@@ -615,7 +621,7 @@ def test_a_burst_gets_rows_a_queue_and_503s_and_every_accepted_reply_completes(l
     assert (now["active_requests"], now["waiting_requests"], now["batch_rows"]) == (0, 0, 0)
 
 
-def test_a_request_that_waits_past_max_wait_gets_503(local, slow_steps, monkeypatch):
+def test_a_request_that_waits_past_max_wait_gets_503(local, slow_steps, endless, monkeypatch):
     slow_steps(0.1)
     monkeypatch.setattr(local.settings, "max_wait", 0.5)
     holders = [OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 400, "temperature": 0})
