@@ -113,6 +113,16 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    probs, ids = sampling_distribution(logits, temperature, top_k, top_p)
+    return draw(probs, ids, rng)
+
+
+def sampling_distribution(logits, temperature, top_k=None, top_p=None):
+    """
+    The distribution sample_next_token draws from, per row: (probs (B, K), ids (B, K) or None when
+    K is the whole vocab). Every step works row by row, so rows of a bigger batch get exactly
+    what they would get alone (the batch engine computes it once for many requests).
+    """
     ids = None
     if top_k is not None and top_k > 0:
         logits, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
@@ -123,6 +133,11 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs, ids
+
+
+def draw(probs, ids, rng):
+    """One id per row from sampling_distribution's output, with the generator rng -> (B, 1)."""
     choice = torch.multinomial(probs, num_samples=1, generator=rng)
     return choice if ids is None else ids.gather(-1, choice)
 
@@ -199,16 +214,49 @@ class RowState:
     completed: bool = False  # emitted <|assistant_end|> or <|bos|>
 
 
+def special_token_ids(tokenizer):
+    """The ids generation acts on: the calculator's delimiters and the two tokens that end a reply."""
+    encode = tokenizer.encode_special
+    return dict(python_start=encode("<|python_start|>"), python_end=encode("<|python_end|>"),
+                output_start=encode("<|output_start|>"), output_end=encode("<|output_end|>"),
+                assistant_end=encode("<|assistant_end|>"), bos=tokenizer.get_bos_token_id())
+
+
+def step_row(row, sampled_token, special, tokenizer):
+    """
+    One generation step of one row: its next token is queued tool output if there is any (mask 0),
+    else the sample (mask 1). Returns (token, mask) after updating the row's state with it.
+    """
+    forced = bool(row.forced_tokens)
+    token = row.forced_tokens.popleft() if forced else sampled_token
+    row.current_tokens.append(token)
+    _advance_tool_state(row, token, special, tokenizer)
+    return token, 0 if forced else 1
+
+
+def _advance_tool_state(row, token, special, tokenizer):
+    """After `token`: mark completion; run the calculator on <|python_end|> and queue its output."""
+    if token in (special["assistant_end"], special["bos"]):
+        row.completed = True
+    if token == special["python_start"]:
+        row.in_python_block, row.python_expr_tokens = True, []
+    elif token == special["python_end"] and row.in_python_block:
+        row.in_python_block = False
+        if row.python_expr_tokens:
+            result = use_calculator(tokenizer.decode(row.python_expr_tokens))
+            if result is not None:
+                row.forced_tokens.append(special["output_start"])
+                row.forced_tokens.extend(tokenizer.encode(str(result)))
+                row.forced_tokens.append(special["output_end"])
+        row.python_expr_tokens = []
+    elif row.in_python_block:
+        row.python_expr_tokens.append(token)
+
+
 class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-
-    def _special_ids(self):
-        encode = self.tokenizer.encode_special
-        return dict(python_start=encode("<|python_start|>"), python_end=encode("<|python_end|>"),
-                    output_start=encode("<|output_start|>"), output_end=encode("<|output_end|>"),
-                    assistant_end=encode("<|assistant_end|>"), bos=self.tokenizer.get_bos_token_id())
 
     def _new_cache(self, batch_size, seq_len, device):
         config = self.model.config
@@ -234,7 +282,7 @@ class Engine:
         device = self.model.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
-        special = self._special_ids()
+        special = special_token_ids(self.tokenizer)
 
         # Prefill the prompt once at batch 1, then give every sample its own copy of the cache.
         prefill_cache = self._new_cache(1, len(tokens), device)
@@ -250,35 +298,14 @@ class Engine:
             sampled = sample_next_token(logits, rng, temperature, top_k, top_p)[:, 0].tolist()  # the one sync
             token_column, token_masks = [], []
             for row, sampled_token in zip(rows, sampled):
-                forced = bool(row.forced_tokens)
-                token = row.forced_tokens.popleft() if forced else sampled_token
+                token, mask = step_row(row, sampled_token, special, self.tokenizer)
                 token_column.append(token)
-                token_masks.append(0 if forced else 1)
-                row.current_tokens.append(token)
-                self._advance_tool_state(row, token, special)
+                token_masks.append(mask)
             yield token_column, token_masks
             if all(row.completed for row in rows) or step == max_tokens - 1:
                 break
             ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
             logits = self.model.forward(ids, kv_cache=decode_cache)[:, -1, :]
-
-    def _advance_tool_state(self, row, token, special):
-        """After `token`: mark completion; run the calculator on <|python_end|> and queue its output."""
-        if token in (special["assistant_end"], special["bos"]):
-            row.completed = True
-        if token == special["python_start"]:
-            row.in_python_block, row.python_expr_tokens = True, []
-        elif token == special["python_end"] and row.in_python_block:
-            row.in_python_block = False
-            if row.python_expr_tokens:
-                result = use_calculator(self.tokenizer.decode(row.python_expr_tokens))
-                if result is not None:
-                    row.forced_tokens.append(special["output_start"])
-                    row.forced_tokens.extend(self.tokenizer.encode(str(result)))
-                    row.forced_tokens.append(special["output_end"])
-            row.python_expr_tokens = []
-        elif row.in_python_block:
-            row.python_expr_tokens.append(token)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """
@@ -286,7 +313,7 @@ class Engine:
         tokens without the terminating <|assistant_end|>/<|bos|>, and masks (0 for the prompt,
         then 1 sampled / 0 forced per generated token).
         """
-        special = self._special_ids()
+        special = special_token_ids(self.tokenizer)
         stop = (special["assistant_end"], special["bos"])
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]

@@ -16,6 +16,7 @@ without re-resolving `USE_FA3 = _resolve_use_fa3()`, and may call `_use_fa3()` w
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -213,21 +214,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                             window_size=(-1, -1), cache_pos=None):
     """
     Attention for incremental decoding. k_cache/v_cache (B,T_max,Hkv,D) are updated IN PLACE:
-    the new k/v (B,T_new,Hkv,D) are written at position cache_seqlens, then q (B,T_new,H,D)
-    attends over the cache prefix [0, cache_seqlens + T_new). cache_seqlens is not advanced
-    (the caller owns it). The SDPA fallback needs every row at the same position, which is
-    how the Engine uses it; cache_pos (ours, not FA3's) is that position when the caller knows
-    it on the host, which saves a device sync per layer.
+    each row's new k/v (B,T_new,Hkv,D) are written at that row's position cache_seqlens[b], then
+    q (B,T_new,H,D) attends over the row's prefix [0, cache_seqlens[b] + T_new). cache_seqlens is
+    not advanced (the caller owns it). cache_pos (ours, not FA3's) is what the caller knows on the
+    host, which saves a device sync per layer: an int when every row is at that one position (the
+    Engine's case), or a list of per-row positions (continuous batching).
     """
     if _use_fa3(q):
         out = _fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=window_size)
         return out[0] if isinstance(out, tuple) else out
     if cache_pos is None:
-        lowest, highest = torch.stack([cache_seqlens.min(), cache_seqlens.max()]).tolist()  # one device sync
-        if lowest != highest:
-            raise ValueError(f"the SDPA KV-cache path needs all rows at one position, got positions {lowest}..{highest}")
-        cache_pos = lowest
+        cache_pos = cache_seqlens.tolist()  # one device sync
+    if not isinstance(cache_pos, int):
+        if len(set(cache_pos)) > 1:
+            return _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, cache_pos, causal, window_size)
+        cache_pos = cache_pos[0]
     pos = cache_pos
     T_new = 0 if k is None else k.size(1)
     if pos + T_new > k_cache.size(1):
@@ -237,6 +239,59 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         v_cache[:, pos:pos + T_new] = v
     end = pos + T_new
     return _sdpa(q, k_cache[:, :end], v_cache[:, :end], causal, window_size)
+
+
+def _kvcache_rows(q, k_cache, v_cache, k, v, cache_seqlens, positions, causal, window_size):
+    """
+    The KV-cache path for rows at different positions: scatter each row's new k/v at its own
+    position, then attend over the longest row's prefix with a per-row mask, so a row never sees
+    keys past its own end (stale entries there belong to nobody).
+    """
+    T_new = q.size(1)
+    end = max(positions) + (0 if k is None else k.size(1))
+    if end > k_cache.size(1):
+        raise ValueError(f"KV cache overflow: {max(positions)} cached + {end - max(positions)} new tokens > capacity {k_cache.size(1)}")
+    rows, query_pos, allowed = _row_layout(cache_seqlens, positions, T_new, end, causal, window_size)
+    if k is not None:
+        k_cache[rows, query_pos] = k
+        v_cache[rows, query_pos] = v
+    enable_gqa = q.size(2) != k_cache.size(2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :end].transpose(1, 2), v_cache[:, :end].transpose(1, 2),
+                                       attn_mask=allowed, enable_gqa=enable_gqa)
+    return y.transpose(1, 2)
+
+
+_layouts = threading.local()  # per thread: each serving thread drives its own model
+
+
+def _row_layout(cache_seqlens, positions, T_new, end, causal, window_size):
+    """
+    (row index (B, 1), each new query's position (B, T_new), boolean mask (B, 1, T_new, end)).
+    Every layer of one forward asks with the same cache_seqlens tensor at the same positions
+    (the cache advances after the last layer), so the answer is built once and kept for them.
+    """
+    state = (positions if isinstance(positions, tuple) else tuple(positions), T_new)
+    memo = getattr(_layouts, "memo", None)
+    if memo is None or memo["seqlens"] is not cache_seqlens or memo["state"] != state:
+        device = cache_seqlens.device
+        memo = {"seqlens": cache_seqlens, "state": state, "masks": {},
+                "rows": torch.arange(cache_seqlens.size(0), device=device)[:, None],
+                "query_pos": cache_seqlens.long()[:, None] + torch.arange(T_new, device=device)}
+        _layouts.memo = memo
+    key = (end, causal, tuple(window_size))
+    if key not in memo["masks"]:
+        query_pos = memo["query_pos"]
+        key_pos = torch.arange(end, device=cache_seqlens.device)
+        left, right = window_size
+        if causal:
+            right = 0
+        allowed = key_pos < (query_pos[:, -1:, None] + 1)  # (B, 1, end): the row's own prefix and new keys
+        if right >= 0:
+            allowed = allowed & (key_pos <= query_pos[..., None] + right)
+        if left >= 0:
+            allowed = allowed & (key_pos >= query_pos[..., None] - left)
+        memo["masks"][key] = allowed[:, None]
+    return memo["rows"], memo["query_pos"], memo["masks"][key]
 
 
 flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)

@@ -534,15 +534,12 @@ class GPT(nn.Module):
         """
         idx (B, T) token ids. Returns fp32 logits (B, T, vocab_size), or with targets the
         cross-entropy (ignore_index=-1; loss_reduction="none" gives per-token losses, flat).
-        With a kv_cache, positions continue from kv_cache.get_pos() and the cache advances by T.
+        With a kv_cache, positions continue from kv_cache.get_pos() (per row when it is a list) and
+        the cache advances by T.
         """
         B, T = idx.size()
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(1):
-            raise ValueError(f"positions up to {T0 + T} exceed the rotary cache ({self.cos.size(1)} = "
-                             f"{ROTARY_CACHE_MULTIPLE} x sequence_len)")
         assert self.cos.device == idx.device, f"rotary tables on {self.cos.device} but input on {idx.device}"
-        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        cos_sin = self._rotary_for(T, kv_cache)
 
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         if self.config.smear:
@@ -585,6 +582,22 @@ class GPT(nn.Module):
             head, current, previous = x[:, :0], x, torch.cat([previous, x[:, :-1]], dim=1)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(current[..., :SMEAR_GATE_CHANNELS]))
         return torch.cat([head, current + gate * previous], dim=1)
+
+    def _rotary_for(self, T, kv_cache):
+        """
+        cos/sin for T new positions per row. A cache's get_pos() is one int when all its rows are
+        at that position (a slice of the tables), or a list of per-row positions when its rows
+        hold different conversations (a gather: shape (B, T, 1, D/2)).
+        """
+        start = 0 if kv_cache is None else kv_cache.get_pos()
+        highest = start if isinstance(start, int) else max(start)
+        if highest + T > self.cos.size(1):
+            raise ValueError(f"positions up to {highest + T} exceed the rotary cache ({self.cos.size(1)} = "
+                             f"{ROTARY_CACHE_MULTIPLE} x sequence_len)")
+        if isinstance(start, int):
+            return self.cos[:, start:start + T], self.sin[:, start:start + T]
+        positions = kv_cache.cache_seqlens.long()[:, None] + torch.arange(T, device=self.cos.device)
+        return self.cos[0, positions], self.sin[0, positions]
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

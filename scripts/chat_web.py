@@ -2,13 +2,15 @@
 Chat with a nanochat model in the browser, or from any OpenAI client: one FastAPI app on uvicorn
 that serves the UI, upstream nanochat's streaming API and an OpenAI-compatible API.
 
-Data parallel: one model replica per GPU (cuda:0 .. cuda:N-1), each a worker; a request waits
-for a free worker (at most --max-queue requests wait, the next gets 503 with Retry-After), and
-generation runs in that worker's own thread, so the server keeps answering while it streams.
+One model replica per GPU (cuda:0 .. cuda:N-1), each a worker with one decode loop on its own
+thread that batches every running request into each forward pass (continuous batching, up to
+--max-batch rows); a request joins once its prompt is prefilled and leaves at once when done or
+when its client goes. Past the free rows, requests wait (at most --max-queue of them, for at most
+--max-wait seconds; otherwise 503 with Retry-After).
 
 Run it:
     python -m scripts.chat_web                          # the SFT model on one GPU, http://<host>:8000
-    python -m scripts.chat_web --num-gpus 8             # 8 replicas, one per GPU
+    python -m scripts.chat_web --num-gpus 8 --max-batch 64   # 8 replicas, 64 replies at once on each
     python -m scripts.chat_web -i base -g d20 -s 21400 --device-type cpu --host 127.0.0.1  # CPU, localhost only
     NANOCHAT_DTYPE=float32 python -m scripts.chat_web   # the compute dtype comes from NANOCHAT_DTYPE
 
@@ -19,7 +21,7 @@ Endpoints:
     POST /v1/chat/completions  OpenAI chat completions, stream false or true (usage, n, seed, stop, top_p)
     GET  /v1/models            the loaded model, e.g. nanochat-sft-d20-650
     GET  /health               {"status", "ready", "num_gpus", "available_workers"}
-    GET  /stats                the worker pool
+    GET  /stats                requests running and waiting, batch rows, tokens/s, longest first-token wait
 
 Reads $NANOCHAT_BASE_DIR/<source>_checkpoints/<tag>/ and the tokenizer; writes nothing.
 """
@@ -31,7 +33,6 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
+from nanochat.batch_engine import DEFAULT_PREFILL_CHUNK, BatchEngine, GenerationRequest
 from nanochat.checkpoint_manager import CHECKPOINT_DIRS, checkpoints_dir_for, find_largest_model, load_model
 from nanochat.common import ConfigError, autodetect_device_type, compute_init, parse_flags, run_script
-from nanochat.engine import Engine
 from nanochat.flash_attention import require_fast_attention
 from nanochat.tokenizer import IncrementalDecoder
 from scripts import chat_web_api as api
@@ -62,6 +63,8 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 50
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_QUEUE = 64  # a few minutes of replies on one GPU; past it a client is better told to come back
+DEFAULT_MAX_BATCH = 32  # rows decoded together per worker: a GPU steps 32 rows in about the time of one
+DEFAULT_MAX_WAIT = 30.0  # seconds a request may wait for a free row before it gets 503
 
 
 def parse_args(argv=None):
@@ -79,21 +82,68 @@ def parse_args(argv=None):
     parser.add_argument("--host", type=str, default="0.0.0.0",
                         help="address to bind (0.0.0.0: every interface; 127.0.0.1: this machine only)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help="requests that may wait for a busy worker; the next one gets 503")
+                        help="requests that may wait for a free row; the next one gets 503")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="rows (replies) each worker decodes together; an n-sample request takes n")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="positions each worker's KV cache holds in all, rows x the longest conversation in flight; "
+                             "past it requests wait (None: max-batch x the model's sequence_len)")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="tokens one conversation may hold, prompt and reply (None: as far as the model's rotary "
+                             "tables reach, 10 x sequence_len, within --kv-cache-tokens)")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled between two decode steps, so long prompts do not stall other replies")
+    parser.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT,
+                        help="seconds a request may wait for a free row; then it gets 503 with Retry-After")
     return parse_flags(parser, argv)
 
 
 # -----------------------------------------------------------------------------
-# Workers and their pool
+# Workers: one model replica each, and its batch engine on its own thread
 
 
 @dataclass
 class Worker:
-    """One model replica on one device, with the single thread that runs its generations."""
+    """One model replica on one device; its batch engine's decode loop runs on its own thread."""
     gpu_id: int
     device: torch.device
-    engine: Engine
-    executor: ThreadPoolExecutor
+    batcher: BatchEngine
+
+    def start(self, loop):
+        """
+        Run the decode loop. Its events reach the request handlers through one event-loop callback
+        per step, or fewer: while one is pending, later steps' events join it (each wake-up of the
+        loop thread costs the decode thread a system call and, on a busy machine, its core).
+        """
+        pending, lock = [], threading.Lock()
+
+        def deliver():
+            with lock:
+                events = pending[:]
+                pending.clear()
+            _dispatch(events)
+
+        def publish(events):
+            with lock:
+                wake = not pending
+                pending.extend(events)
+            if wake:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+                    loop.call_soon_threadsafe(deliver)
+        self.batcher.publish = publish
+
+        def run():
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                self.batcher.run()
+        threading.Thread(target=run, name=f"chat_web-gpu{self.gpu_id}", daemon=True).start()
+
+    def has_room(self):
+        return self.batcher.queued() == 0 and self.batcher.load() < self.batcher.max_batch
+
+
+def _dispatch(events):
+    for job, kind, value in events:
+        job.sink(kind, value)
 
 
 @dataclass
@@ -104,10 +154,12 @@ class Settings:
     top_k: int = DEFAULT_TOP_K
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_wait: float = DEFAULT_MAX_WAIT
 
 
-def make_worker(gpu_id, device, model, tokenizer):
-    return Worker(gpu_id, device, Engine(model, tokenizer), ThreadPoolExecutor(1, thread_name_prefix=f"chat_web-gpu{gpu_id}"))
+def make_worker(gpu_id, device, model, tokenizer, max_batch=DEFAULT_MAX_BATCH, kv_cache_tokens=None, max_context=None,
+                prefill_chunk=DEFAULT_PREFILL_CHUNK):
+    return Worker(gpu_id, device, BatchEngine(model, tokenizer, max_batch, kv_cache_tokens, max_context, prefill_chunk))
 
 
 def load_workers(args):
@@ -129,7 +181,16 @@ def load_workers(args):
         logger.info(f"Loading the model on {device} ...")
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
         step = meta.get("step", step)
-        workers.append(make_worker(gpu_id, device, model, tokenizer))
+        if args.max_context is not None and not 1 <= args.max_context <= model.rotary_seq_len:
+            raise ConfigError(f"--max-context must be in [1, {model.rotary_seq_len}] for this model "
+                              f"(its rotary tables), got {args.max_context}")
+        worker = make_worker(gpu_id, device, model, tokenizer, args.max_batch, args.kv_cache_tokens, args.max_context,
+                             args.prefill_chunk)
+        batcher = worker.batcher
+        cache_gib = batcher.kv_cache_tokens * batcher.cache.bytes_per_position() / 2 ** 30
+        logger.info(f"KV cache on {device}: up to {batcher.max_batch} rows, {batcher.kv_cache_tokens} positions "
+                    f"({cache_gib:.2f} GiB), {batcher.max_context} per conversation")
+        workers.append(worker)
     return workers, f"nanochat-{args.source}-{model_tag}-{step}"
 
 
@@ -138,33 +199,34 @@ class PoolFull(Exception):
 
 
 class WorkerPool:
-    """Idle workers in an asyncio queue; at most max_queue requests wait for one. Lives on the server's event loop."""
+    """The workers and the queue limit. A request goes to the least busy worker. Lives on the server's event loop."""
 
     def __init__(self, workers, max_queue):
         self.workers, self.max_queue = workers, max_queue
-        self.loop = asyncio.get_running_loop()
-        self.idle = asyncio.Queue()
-        for worker in workers:
-            self.idle.put_nowait(worker)
-        self.waiting = 0
         self.generations = set()  # running ones, cancelled at shutdown
+        for worker in workers:
+            worker.start(asyncio.get_running_loop())
 
-    async def acquire(self):
-        if self.idle.empty() and self.waiting >= self.max_queue:
-            raise PoolFull(f"all {len(self.workers)} workers are busy and {self.waiting} requests are waiting; retry shortly")
-        self.waiting += 1
-        try:
-            return await self.idle.get()
-        finally:
-            self.waiting -= 1
+    def queued(self):
+        return sum(worker.batcher.queued() for worker in self.workers)
 
-    def call_from_thread(self, function, *args):
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-            self.loop.call_soon_threadsafe(function, *args)
+    def pick(self):
+        """The worker with the fewest rows in use or asked for; PoolFull when the queue is at its limit."""
+        worker = min(self.workers, key=lambda w: w.batcher.load() / w.batcher.max_batch)
+        if not worker.has_room() and self.queued() >= self.max_queue:
+            raise PoolFull(f"all {sum(w.batcher.max_batch for w in self.workers)} rows are busy and {self.queued()} "
+                           "requests are waiting; retry shortly")
+        return worker
+
+    def close(self):
+        for generation in list(self.generations):
+            generation.cancel()
+        for worker in self.workers:
+            worker.batcher.close()
 
 
 # -----------------------------------------------------------------------------
-# Generation: the Engine in a worker's thread, text pieces on the event loop
+# Generation: a request on a worker's batch engine, as text pieces on the event loop
 
 
 @dataclass
@@ -181,71 +243,81 @@ class GenerationError(Exception):
 
 class Generation:
     """
-    One Engine.generate call, run on a worker's thread from the moment it is made. Iterate it
-    (async) for lists of Pieces. cancel() stops it between two tokens; the thread then hands the
-    worker back to the pool, also when generation raised (iteration raises GenerationError).
+    One request, submitted to a worker's batch engine when made. `await admitted(...)` waits for
+    its rows; then iterate it (async) for lists of Pieces. cancel() frees its rows before the next
+    decode step; a failed step ends the iteration with GenerationError.
     """
 
-    def __init__(self, pool, worker, prompt, num_samples, max_tokens, temperature, top_k, top_p, seed):
+    def __init__(self, pool, worker, request):
         self.pool, self.worker = pool, worker
+        tokenizer = worker.batcher.tokenizer
+        self.stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.decoders = [IncrementalDecoder(tokenizer) for _ in range(request.num_samples)]
+        self.finished = [False] * request.num_samples
         self.events = asyncio.Queue()
-        self.cancelled = threading.Event()
-        kwargs = dict(num_samples=num_samples, max_tokens=max_tokens, temperature=temperature,
-                      top_k=top_k or None, top_p=top_p, seed=seed)
+        self.started = asyncio.Event()
+        self.job = worker.batcher.submit(request, self._on_event)
         pool.generations.add(self)
-        worker.executor.submit(self._run, prompt, kwargs)
 
     def cancel(self):
-        self.cancelled.set()
+        """Free the rows (before the next decode step) and end the iteration; safe to call twice."""
+        if self in self.pool.generations:
+            self.worker.batcher.cancel(self.job)
+            self.pool.generations.discard(self)
+            self.events.put_nowait(("end", None))
 
-    def _put(self, event):
-        self.pool.call_from_thread(self.events.put_nowait, event)
-
-    def _finish(self, last_event):
-        """On the event loop: the worker goes back before the last event, so a client that saw the end finds it free."""
-        self.pool.idle.put_nowait(self.worker)
-        self.pool.generations.discard(self)
-        self.events.put_nowait(last_event)
-
-    def _run(self, prompt, kwargs):
-        engine = self.worker.engine
-        tokenizer = engine.tokenizer
-        stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        decoders = [IncrementalDecoder(tokenizer) for _ in range(kwargs["num_samples"])]
-        finished = [False] * len(decoders)
-        device = self.worker.device
-        last_event = ("end", None)
+    async def admitted(self, request, max_wait):
+        """True once the request has rows; False (and cancelled) if the client left or max_wait passed first."""
+        started = asyncio.ensure_future(self.started.wait())
+        disconnect = asyncio.ensure_future(wait_for_disconnect(request))
         try:
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                for token_column, _ in engine.generate(prompt, **kwargs):
-                    if self.cancelled.is_set():
-                        break
-                    pieces = []
-                    for i, token in enumerate(token_column):
-                        if finished[i]:
-                            continue
-                        if token in stop_ids:  # the stop token itself is not text
-                            finished[i] = True
-                            pieces.append(Piece(i, decoders[i].flush(), 0, "stop"))
-                        else:
-                            pieces.append(Piece(i, decoders[i].add(token), 1, None))
-                    self._put(("pieces", pieces))
-            self._put(("pieces", [Piece(i, d.flush(), 0, "length") for i, d in enumerate(decoders) if not finished[i]]))
-        except Exception as error:
-            logger.exception(f"generation failed on gpu {self.worker.gpu_id}")
-            last_event = ("error", f"{type(error).__name__}: {error}")
+            await asyncio.wait({started, disconnect}, timeout=max_wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.pool.call_from_thread(self._finish, last_event)
+            started.cancel()
+            disconnect.cancel()
+        if not self.started.is_set():
+            self.cancel()
+        return self.started.is_set()
+
+    def _on_event(self, kind, value):
+        """On the event loop: the batch engine's news about this request."""
+        if kind == "admitted":
+            self.started.set()
+        elif kind == "tokens":
+            pieces = []
+            for i, token in enumerate(value[0]):
+                if self.finished[i]:
+                    continue
+                if token in self.stop_ids:  # the stop token itself is not text
+                    self.finished[i] = True
+                    pieces.append(Piece(i, self.decoders[i].flush(), 0, "stop"))
+                else:
+                    pieces.append(Piece(i, self.decoders[i].add(token), 1, None))
+            self.events.put_nowait(("pieces", pieces))
+        elif kind == "done":
+            last = [Piece(i, d.flush(), 0, "length") for i, d in enumerate(self.decoders) if not self.finished[i]]
+            self.events.put_nowait(("pieces", last))
+            self.events.put_nowait(("end", None))
+            self.pool.generations.discard(self)
+        elif kind == "error":
+            self.started.set()
+            self.events.put_nowait(("error", value))
+            self.pool.generations.discard(self)
 
     async def __aiter__(self):
+        """Lists of pieces; what arrived while the reader was busy comes as one list."""
         while True:
-            kind, value = await self.events.get()
-            if kind == "pieces":
-                yield value
-            elif kind == "error":
-                raise GenerationError(value)
-            else:
-                return
+            items = [await self.events.get()]
+            while not self.events.empty():
+                items.append(self.events.get_nowait())
+            pieces = [piece for kind, value in items if kind == "pieces" for piece in value]
+            if pieces:
+                yield pieces
+            for kind, value in items:
+                if kind == "error":
+                    raise GenerationError(value)
+                if kind == "end":
+                    return
 
 
 class GenerationStream(StreamingResponse):
@@ -262,12 +334,13 @@ class GenerationStream(StreamingResponse):
             self.generation.cancel()
 
 
-def context_room(worker, prompt):
-    """Tokens the model can still add after the prompt: positions stop at its rotary tables (10x sequence_len)."""
-    room = worker.engine.model.rotary_seq_len - len(prompt)
+def context_room(worker, prompt, num_samples=1):
+    """Tokens the model can still add after the prompt (--max-context, and --kv-cache-tokens over the samples)."""
+    room = worker.batcher.room(len(prompt), num_samples)
     if room < 1:
-        raise api.RequestError(f"the conversation is {len(prompt)} tokens; the model has room for "
-                               f"{worker.engine.model.rotary_seq_len} in all: shorten it or start a new one",
+        raise api.RequestError(f"the conversation is {len(prompt)} tokens; this server holds "
+                               f"{len(prompt) + room} for a request of {num_samples} sample(s) "
+                               "(--max-context, --kv-cache-tokens): shorten it or start a new one",
                                param="messages", code="context_length_exceeded")
     return room
 
@@ -302,24 +375,38 @@ def create_app(workers, settings):
     async def lifespan(app):
         app.state.pool = WorkerPool(workers, settings.max_queue)
         yield
-        for generation in list(app.state.pool.generations):
-            generation.cancel()
-        for worker in workers:
-            worker.executor.shutdown(wait=False, cancel_futures=True)
+        app.state.pool.close()
 
     app = FastAPI(lifespan=lifespan)
     app.state.pool = None
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
-    tokenizer = workers[0].engine.tokenizer
+    tokenizer = workers[0].batcher.tokenizer
     started = int(time.time())
 
-    def pool_full(error, openai):
+    def busy(message, openai):
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-        body = api.error_body(str(error), type="server_error", code="server_busy") if openai else {"detail": str(error)}
+        body = api.error_body(message, type="server_error", code="server_busy") if openai else {"detail": message}
         return JSONResponse(body, status_code=503, headers=headers)
 
     def openai_error(error):
         return JSONResponse(api.error_body(error.message, param=error.param, code=error.code), status_code=error.status)
+
+    async def start_generation(request, generation_request, openai):
+        """Submit to the least busy worker and wait for rows: (generation, None), or (None, the 503 to send)."""
+        pool = app.state.pool
+        try:
+            worker = pool.pick()
+        except PoolFull as error:
+            return None, busy(str(error), openai)
+        try:
+            generation = Generation(pool, worker, generation_request)
+        except ValueError as error:  # more samples than a batch holds
+            if openai:
+                return None, openai_error(api.RequestError(str(error), param="n"))
+            return None, JSONResponse({"detail": str(error)}, status_code=400)
+        if not await generation.admitted(request, settings.max_wait):
+            return None, busy(f"no free row within {settings.max_wait:g} s ({pool.queued()} requests waiting); retry shortly", openai)
+        return generation, None
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error):
@@ -347,16 +434,20 @@ def create_app(workers, settings):
     @app.get("/health")
     async def health():
         pool = app.state.pool
-        return {"status": "ok", "ready": pool is not None and len(pool.workers) > 0,
-                "num_gpus": len(pool.workers) if pool else 0, "available_workers": pool.idle.qsize() if pool else 0}
+        return {"status": "ok", "ready": pool is not None and len(pool.workers) > 0, "num_gpus": len(pool.workers) if pool else 0,
+                "available_workers": sum(worker.has_room() for worker in pool.workers) if pool else 0}
 
     @app.get("/stats")
     async def stats():
         pool = app.state.pool
-        available = pool.idle.qsize()
-        return {"total_workers": len(pool.workers), "available_workers": available, "busy_workers": len(pool.workers) - available,
-                "waiting_requests": pool.waiting, "max_queue": pool.max_queue,
-                "workers": [{"gpu_id": w.gpu_id, "device": str(w.device)} for w in pool.workers]}
+        per_worker = [{"gpu_id": w.gpu_id, "device": str(w.device), **w.batcher.stats()} for w in pool.workers]
+        available = sum(worker.has_room() for worker in pool.workers)
+        busy_workers = sum(1 for worker in per_worker if worker["active_requests"] > 0)
+        totals = {key: sum(worker[key] for worker in per_worker)
+                  for key in ("active_requests", "batch_rows", "waiting_requests", "tokens_per_s")}
+        longest = {key: max(worker[key] for worker in per_worker) for key in ("oldest_wait_s", "longest_first_token_wait_s")}
+        return {"total_workers": len(pool.workers), "available_workers": available, "busy_workers": busy_workers,
+                **totals, **longest, "max_queue": pool.max_queue, "max_wait_s": settings.max_wait, "workers": per_worker}
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -366,14 +457,14 @@ def create_app(workers, settings):
             room = context_room(workers[0], prompt)
         except api.RequestError as error:
             return JSONResponse({"detail": error.message}, status_code=error.status)
-        try:
-            worker = await app.state.pool.acquire()
-        except PoolFull as error:
-            return pool_full(error, openai=False)
-        max_tokens = min(chat.max_tokens or settings.max_tokens, room)
         temperature = settings.temperature if chat.temperature is None else chat.temperature
         top_k = settings.top_k if chat.top_k is None else chat.top_k
-        generation = Generation(app.state.pool, worker, prompt, 1, max_tokens, temperature, top_k, None, random_seed())
+        wanted = GenerationRequest(prompt, 1, min(chat.max_tokens or settings.max_tokens, room), temperature, top_k or None,
+                                   None, random_seed())
+        generation, refusal = await start_generation(request, wanted, openai=False)
+        if refusal is not None:
+            return refusal
+        worker = generation.worker
         logger.info(f"[gpu {worker.gpu_id}] {len(chat.messages)} messages, last: {chat.messages[-1]['content']!r}")
 
         async def events():
@@ -409,21 +500,21 @@ def create_app(workers, settings):
             chat = api.parse_openai_request(api.parse_json_body(await read_body(request)), settings.temperature, settings.top_k,
                                             settings.max_tokens, random_seed())
             prompt = api.openai_prompt(tokenizer, chat.messages)
-            max_tokens = min(chat.max_tokens, context_room(workers[0], prompt))
+            max_tokens = min(chat.max_tokens, context_room(workers[0], prompt, min(chat.n, workers[0].batcher.max_batch)))
         except api.RequestError as error:
             return openai_error(error)
-        try:
-            worker = await app.state.pool.acquire()
-        except PoolFull as error:
-            return pool_full(error, openai=True)
-        generation = Generation(app.state.pool, worker, prompt, chat.n, max_tokens, chat.temperature, chat.top_k, chat.top_p, chat.seed)
+        wanted = GenerationRequest(prompt, chat.n, max_tokens, chat.temperature, chat.top_k or None, chat.top_p, chat.seed)
+        generation, refusal = await start_generation(request, wanted, openai=True)
+        if refusal is not None:
+            return refusal
+        worker = generation.worker
         builder = api.CompletionBuilder(settings.model_id, chat, len(prompt))
 
         logger.info(f"[gpu {worker.gpu_id}] /v1: {len(chat.messages)} messages, {len(prompt)} prompt tokens, n={chat.n}")
 
         async def collect():
             async for pieces in generation:
-                if builder.done:  # ended early: the rest is drained, so the reply ends once the worker is free
+                if builder.done:  # ended early (a stop string): the rows are already freed
                     continue
                 for piece in pieces:
                     yield builder.chunks_for(piece)
@@ -477,8 +568,14 @@ def main(argv=None):
     for flag, value, low, high in ranges:
         if not low <= value <= high:
             raise ConfigError(f"{flag} must be {f'>= {low}' if high == float('inf') else f'in [{low}, {high}]'}, got {value}")
+    for flag, value in [("--max-batch", args.max_batch), ("--prefill-chunk", args.prefill_chunk),
+                        ("--kv-cache-tokens", args.kv_cache_tokens or 1)]:
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not args.max_wait > 0:
+        raise ConfigError(f"--max-wait must be > 0 seconds, got {args.max_wait}")
     workers, model_id = load_workers(args)
-    settings = Settings(model_id, args.temperature, args.top_k, args.max_tokens, args.max_queue)
+    settings = Settings(model_id, args.temperature, args.top_k, args.max_tokens, args.max_queue, args.max_wait)
     app = create_app(workers, settings)
     print(f"Serving {model_id} on {len(workers)} worker(s) at http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port)

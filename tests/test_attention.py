@@ -105,16 +105,43 @@ def test_kvcache_writes_in_place_and_matches_reference(window, T_new):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_kvcache_rejects_overflow_and_ragged_rows():
+def test_kvcache_rejects_overflow():
     k_cache = torch.zeros(2, 8, 2, 4)
     v_cache = torch.zeros(2, 8, 2, 4)
     q, k, v = random_qkv(2, 3, 3, 2, 2, 4)
-    with pytest.raises(ValueError, match="overflow"):
-        flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                           cache_seqlens=torch.tensor([6, 6], dtype=torch.int32), causal=True)
-    with pytest.raises(ValueError, match="one position"):
-        flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
-                                           cache_seqlens=torch.tensor([1, 2], dtype=torch.int32), causal=True)
+    for positions in ([6, 6], [1, 6]):
+        with pytest.raises(ValueError, match="overflow"):
+            flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v,
+                                               cache_seqlens=torch.tensor(positions, dtype=torch.int32), causal=True)
+
+
+@pytest.mark.parametrize("window", [-1, 3])
+@pytest.mark.parametrize("T_new", [1, 4])
+@pytest.mark.parametrize("host_positions", [False, True])
+def test_kvcache_rows_at_different_positions_each_match_their_own_reference(window, T_new, host_positions):
+    # continuous batching: every row is its own sequence; what lies past a row's end (another
+    # conversation's stale keys, here huge values) must not reach it
+    positions, T_max, H, Hkv, D = [0, 5, 2, 9], 16, 4, 2, 8
+    g = torch.Generator().manual_seed(6)
+    k_cache = torch.full((4, T_max, Hkv, D), 1e4)
+    v_cache = torch.full((4, T_max, Hkv, D), 1e4)
+    for b, pos in enumerate(positions):
+        k_cache[b, :pos] = torch.randn(pos, Hkv, D, generator=g)
+        v_cache[b, :pos] = torch.randn(pos, Hkv, D, generator=g)
+    q, k_new, v_new = random_qkv(4, T_new, T_new, H, Hkv, D, seed=7)
+    cache_seqlens = torch.tensor(positions, dtype=torch.int32)
+
+    out = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens, causal=True,
+                                             window_size=(window, 0), cache_pos=positions if host_positions else None)
+
+    assert cache_seqlens.tolist() == positions  # the caller advances, not the kernel
+    for b, pos in enumerate(positions):
+        end = pos + T_new
+        torch.testing.assert_close(k_cache[b, pos:end], k_new[b], rtol=0, atol=0)
+        torch.testing.assert_close(v_cache[b, pos:end], v_new[b], rtol=0, atol=0)
+        assert k_cache[b, end:].eq(1e4).all()  # nothing written past the row's new end
+        expected = reference_attention(q[b:b + 1], k_cache[b:b + 1, :end], v_cache[b:b + 1, :end], window_size=(window, 0))
+        torch.testing.assert_close(out[b:b + 1], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_override_impl_is_validated(monkeypatch):

@@ -2,9 +2,11 @@
 scripts/chat_web.py on CPU with the tiny d2 base model, over real HTTP.
 
 Two servers per module: `python -m scripts.chat_web` as the user starts it (flags, validation,
-concurrency, both APIs), and the same app on a uvicorn thread in this process, where a test can
-slow or break the worker's Engine.generate (streams that outlast a check, a full queue, a
-failing generation) and compare against the Engine directly (same model object, same numbers).
+concurrency, both APIs), and the same app on a uvicorn thread in this process (4 batch rows,
+8-token prefill chunks, a queue of 1), where a test can slow or break the worker's decode loop
+(streams that outlast a check, a full queue, a failing step), watch the order of its events, and
+compare replies with the Engine's on the same model object: a request in a batch gets exactly the
+tokens it gets alone.
 """
 
 import contextlib
@@ -24,6 +26,7 @@ import uvicorn
 
 from conftest import REPO_ROOT, child_env, free_port
 from nanochat.common import ConfigError, MissingInputError
+from nanochat.engine import Engine
 from nanochat.tokenizer import IncrementalDecoder
 from scripts import chat_web
 from scripts.chat_web_api import StopScanner
@@ -138,50 +141,69 @@ def server(tiny_checkpoint, tiny_base_dir, tmp_path_factory):
         process.wait(timeout=20)
 
 
+LOCAL_MAX_BATCH, LOCAL_MAX_CONTEXT, LOCAL_PREFILL_CHUNK = 4, 640, 8
+
+
 @pytest.fixture(scope="module")
 def local(tiny_checkpoint, tiny_base_dir):
-    """The app with one CPU worker and --max-queue 1 on a uvicorn thread here; the worker's Engine is reachable."""
+    """The app with one CPU worker (4 rows of up to 640 positions, 8-token prefill chunks, --max-queue 1) on a uvicorn thread here."""
     from nanochat.checkpoint_manager import load_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
         model, tokenizer, _ = load_model("base", "cpu", phase="eval", model_tag="for_loss")
-    worker = chat_web.make_worker(0, torch.device("cpu"), model, tokenizer)
-    app = chat_web.create_app([worker], chat_web.Settings(MODEL_ID, max_queue=1))
+    worker = chat_web.make_worker(0, torch.device("cpu"), model, tokenizer, max_batch=LOCAL_MAX_BATCH,
+                                  kv_cache_tokens=LOCAL_MAX_BATCH * LOCAL_MAX_CONTEXT, prefill_chunk=LOCAL_PREFILL_CHUNK)
+    settings = chat_web.Settings(MODEL_ID, max_queue=1)
+    app = chat_web.create_app([worker], settings)
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
     wait_until(lambda: uvicorn_server.started, 30, "the in-process server to start")
-    yield SimpleNamespace(port=port, engine=worker.engine, tokenizer=tokenizer)
+    yield SimpleNamespace(port=port, app=app, settings=settings, model=model, batcher=worker.batcher,
+                          engine=Engine(model, tokenizer), tokenizer=tokenizer)
     uvicorn_server.should_exit = True
     thread.join(timeout=20)
 
 
 @pytest.fixture
-def patch_generate(local):
-    """patch_generate(wrap): the worker's engine.generate becomes wrap(real_generate) for this test."""
-    engine = local.engine
+def slow_steps(local, monkeypatch):
+    """slow_steps(delay): every step of the worker's decode loop sleeps `delay` seconds first; returns the step counter [n]."""
+    counter = [0]
 
-    def install(wrap):
-        engine.generate = wrap(type(engine).generate.__get__(engine))
+    def install(delay):
+        real_step = type(local.batcher).step.__get__(local.batcher)
+
+        def slow_step():
+            time.sleep(delay)
+            counter[0] += 1
+            real_step()
+        monkeypatch.setattr(local.batcher, "step", slow_step, raising=False)
+        return counter
 
     yield install
-    engine.__dict__.pop("generate", None)
+    wait_until(lambda: stats(local.port)["active_requests"] == 0, 10, "the batch to empty after the test")
 
 
-def slowed(delay, counter=None):
-    """A generate that sleeps `delay` seconds before each step after the first; counts steps in counter[0]."""
-    def wrap(generate):
-        def slow_generate(*args, **kwargs):
-            for step, item in enumerate(generate(*args, **kwargs)):
-                if step:
-                    time.sleep(delay)
-                if counter is not None:
-                    counter[0] += 1
-                yield item
-        return slow_generate
-    return wrap
+@pytest.fixture
+def endless(local, monkeypatch):
+    """Replies run to max_tokens: the decode loop no longer sees the tokens that end a turn (the barely trained model may emit them any time)."""
+    for name in ("assistant_end", "bos"):
+        monkeypatch.setitem(local.batcher.special, name, -1)
+
+
+@pytest.fixture
+def event_log(local, monkeypatch):
+    """Every (job, kind) the worker's decode loop publishes, in its order (a list filled while the test runs)."""
+    log = []
+    real_publish = local.batcher.publish
+
+    def publish(events):
+        log.extend((job, kind) for job, kind, _ in events)
+        real_publish(events)
+    monkeypatch.setattr(local.batcher, "publish", publish)
+    return log
 
 
 def greedy_ids(local, prompt, max_tokens, **kwargs):
@@ -304,7 +326,8 @@ def test_server_still_serves_after_bad_requests_and_reports_itself(server):
     assert health == {"status": "ok", "ready": True, "num_gpus": 1, "available_workers": 1}
     pool = stats(server)
     assert (pool["total_workers"], pool["available_workers"], pool["busy_workers"]) == (1, 1, 0)
-    assert pool["workers"] == [{"gpu_id": 0, "device": "cpu"}]
+    assert (pool["active_requests"], pool["batch_rows"], pool["waiting_requests"]) == (0, 0, 0)
+    assert [(w["gpu_id"], w["device"], w["max_batch"]) for w in pool["workers"]] == [(0, "cpu", chat_web.DEFAULT_MAX_BATCH)]
     models = json.loads(call(server, "GET", "/v1/models")[2])
     assert [m["id"] for m in models["data"]] == [MODEL_ID] and models["object"] == "list"
     status, _, reply = call(server, "GET", "/v1/models/gpt-4")
@@ -429,84 +452,207 @@ def test_stop_string_cuts_the_text_streaming_and_not(local):
 
 
 # -----------------------------------------------------------------------------
-# Worker pool behaviour (in-process server, generation slowed or broken by a wrapper)
+# Continuous batching (in-process server): replies, joins and leaves, the queue
 
 
-def test_health_answers_while_a_stream_runs(local, patch_generate):
-    patch_generate(slowed(1.0))
+def openai_reply(port, body):
+    status, _, reply = call(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, reply
+    return json.loads(reply)
+
+
+def engine_texts(local, messages, n=1, **kwargs):
+    """What the Engine alone generates for an OpenAI request: one text per sample."""
+    prompt = chat_web.api.openai_prompt(local.tokenizer, messages)
+    results, _ = local.engine.generate_batch(prompt, num_samples=n, **kwargs)
+    return [local.tokenizer.decode(row[len(prompt):]) for row in results]
+
+
+def test_concurrent_requests_get_the_replies_they_get_alone(local, monkeypatch):
+    # 8 requests on 4 rows: they queue, join as others leave, and share decode steps
+    monkeypatch.setattr(local.app.state.pool, "max_queue", 16)
+    cases = [dict(temperature=0, max_tokens=30), dict(temperature=1.0, seed=11, max_tokens=12),
+             dict(temperature=0.7, top_k=5, seed=12, max_tokens=25), dict(temperature=1.0, n=2, seed=13, max_tokens=9),
+             dict(temperature=0, max_tokens=4), dict(temperature=1.2, top_p=0.8, seed=14, max_tokens=20),
+             dict(temperature=0.9, seed=15, max_tokens=16, n=3), dict(temperature=0, max_tokens=18)]
+    conversations = [[{"role": "user", "content": f"Tell me about the old king and a small bird, part {i}"}] for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: openai_reply(local.port, dict(messages=conversations[i], **cases[i])), range(8)))
+    for messages, case, reply in zip(conversations, cases, replies):
+        case = dict(case)
+        n, seed = case.pop("n", 1), case.pop("seed", 0)
+        expected = engine_texts(local, messages, n=n, seed=seed, top_k=case.pop("top_k", 50), **case)
+        assert [choice["message"]["content"] for choice in reply["choices"]] == expected, case
+
+
+def test_a_stream_is_unchanged_by_requests_joining_and_leaving_its_batch(local, slow_steps):
+    slow_steps(0.02)
+    body = {"messages": HELLO, "temperature": 1.0, "seed": 21, "max_tokens": 120, "stream": True}
+    stream = OpenStream(local.port, "/v1/chat/completions", body)
+    pieces = [stream.next_event()]
+    for i in range(3):  # short requests come and go while the stream runs
+        assert upstream_text(local.port, [{"role": "user", "content": f"question {i}"}], max_tokens=3 + i) is not None
+    assert stats(local.port)["active_requests"] == 1  # the others left; the stream is still running
+    while pieces[-1] != "[DONE]":
+        pieces.append(stream.next_event())
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in pieces[:-1] if p["choices"])
+    assert text == engine_texts(local, HELLO, seed=21, temperature=1.0, top_k=50, max_tokens=120)[0]
+
+
+def test_per_request_stop_strings_and_max_tokens_hold_in_one_batch(local, monkeypatch):
+    monkeypatch.setattr(local.app.state.pool, "max_queue", 16)
+    conversations = [[{"role": "user", "content": text}] for text in ("A red house?", "The quiet sea.", "Many stars!", "Hi")]
+    full = [engine_texts(local, messages, temperature=0, max_tokens=40)[0] for messages in conversations]
+    assert all(len(text) >= 12 for text in full), full
+    bodies = [dict(messages=conversations[0], temperature=0, max_tokens=40, stop=[full[0][5:8]]),
+              dict(messages=conversations[1], temperature=0, max_tokens=3),
+              dict(messages=conversations[2], temperature=0, max_tokens=40, stop=[full[2][8:10], "never \u2603"]),
+              dict(messages=conversations[3], temperature=0, max_tokens=40)]
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda body: openai_reply(local.port, body)["choices"][0], bodies))
+    assert replies[0]["message"]["content"] == full[0][:full[0].index(full[0][5:8])] and replies[0]["finish_reason"] == "stop"
+    assert replies[1]["message"]["content"] == engine_texts(local, conversations[1], temperature=0, max_tokens=3)[0]
+    assert replies[1]["finish_reason"] in ("length", "stop")
+    assert replies[2]["message"]["content"] == full[2][:full[2].index(full[2][8:10])] and replies[2]["finish_reason"] == "stop"
+    assert replies[3]["message"]["content"] == full[3]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_other_streams_steps(local, event_log, endless):
+    short = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "temperature": 0, "max_tokens": 400})
+    assert "token" in short.next_event()
+    long_messages = [{"role": "user", "content": "the old king remembers the garden and a long road. " * 30}]
+    long_prompt = chat_web.api.upstream_prompt(local.tokenizer, long_messages)
+    chunks = -(-len(long_prompt) // LOCAL_PREFILL_CHUNK)
+    assert chunks >= 20, len(long_prompt)
+    try:
+        assert upstream_text(local.port, long_messages, temperature=0, max_tokens=2) is not None
+    finally:
+        short.hang_up()
+    long_job = next(job for job, _ in event_log if len(job.request.tokens) == len(long_prompt))
+    admitted = event_log.index((long_job, "admitted"))
+    first_token = event_log.index((long_job, "tokens"))
+    other_tokens = [job for job, kind in event_log[admitted:first_token] if kind == "tokens" and job is not long_job]
+    # one decode step of the running stream after each chunk of the long prompt
+    assert len(other_tokens) >= chunks - 1, (len(other_tokens), chunks)
+
+
+def test_health_answers_while_a_stream_runs(local, slow_steps, endless):
+    slow_steps(1.0)
     stream = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 4096, "temperature": 0})
     try:
-        assert "token" in stream.next_event()  # the first step is out: the worker now sleeps in its thread
+        assert "token" in stream.next_event()  # the first step is out: the decode loop now sleeps in its thread
         started = time.monotonic()
         health = json.loads(call(local.port, "GET", "/health")[2])
-        assert time.monotonic() - started < 0.5
-        assert health["available_workers"] == 0 and stats(local.port)["busy_workers"] == 1
+        assert time.monotonic() - started < 0.9  # well within one step: nothing waits for the decode loop
+        assert health["available_workers"] == 1  # 3 of its 4 rows are free
+        now = stats(local.port)
+        assert (now["busy_workers"], now["active_requests"], now["batch_rows"], now["waiting_requests"]) == (1, 1, 1, 0)
     finally:
         stream.hang_up()
-    wait_until(lambda: stats(local.port)["available_workers"] == 1, 3, "the worker to come back")
 
 
-def test_client_that_disconnects_frees_its_worker(local, patch_generate):
-    steps = [0]
-    patch_generate(slowed(0.3, steps))
-    stream = OpenStream(local.port, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 4096, "temperature": 0, "stream": True})
-    assert stream.next_event()["choices"][0]["delta"]["role"] == "assistant"
-    wait_until(lambda: steps[0] >= 2, 5, "two generated steps")
-    stream.hang_up()
-    wait_until(lambda: stats(local.port)["available_workers"] == 1, 2, "the worker to come back after the disconnect")
+def test_client_that_disconnects_frees_its_row_at_once(local, slow_steps, endless):
+    steps = slow_steps(0.1)
+    leaving = OpenStream(local.port, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 400, "temperature": 0, "stream": True})
+    staying = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 30, "temperature": 1.0})
+    assert leaving.next_event()["choices"][0]["delta"]["role"] == "assistant"
+    assert "token" in staying.next_event()
+    wait_until(lambda: stats(local.port)["batch_rows"] == 2, 5, "both streams in the batch")
+    leaving.hang_up()
+    wait_until(lambda: stats(local.port)["batch_rows"] == 1, 5, "the row to be freed after the disconnect")
+    events = [staying.next_event()]
+    while events[-1] != {"done": True}:
+        events.append(staying.next_event())
+    wait_until(lambda: stats(local.port)["active_requests"] == 0, 5, "the batch to empty")
     stopped_at = steps[0]
-    time.sleep(0.8)
-    assert steps[0] == stopped_at < 20  # generation stopped, far before its 4096 tokens
-    assert upstream_text(local.port, HELLO, max_tokens=2) is not None
+    time.sleep(0.5)
+    assert steps[0] == stopped_at  # an empty batch does not step
 
 
-def test_non_streaming_client_that_disconnects_frees_its_worker(local, patch_generate):
-    steps = [0]
-    patch_generate(slowed(0.3, steps))
-    body = json.dumps({"messages": HELLO, "max_tokens": 4096, "temperature": 0}).encode()
+def test_non_streaming_client_that_disconnects_frees_its_row(local, slow_steps, endless):
+    steps = slow_steps(0.1)
+    body = json.dumps({"messages": HELLO, "max_tokens": 400, "temperature": 0}).encode()
     client = socket.create_connection(("127.0.0.1", local.port))
     client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    wait_until(lambda: steps[0] >= 2, 5, "two generated steps")
+    wait_until(lambda: steps[0] >= 3, 5, "a few decode steps")
     client.close()
-    wait_until(lambda: stats(local.port)["available_workers"] == 1, 2, "the worker to come back after the disconnect")
+    wait_until(lambda: stats(local.port)["active_requests"] == 0, 5, "the row to be freed after the disconnect")
     stopped_at = steps[0]
-    time.sleep(0.8)
-    assert steps[0] == stopped_at < 20
+    time.sleep(0.5)
+    assert steps[0] == stopped_at < 100  # generation stopped, far before its 400 tokens
 
 
-def test_full_queue_gets_503_with_retry_after(local, patch_generate):
-    patch_generate(slowed(0.2))
-    holder = OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 4096, "temperature": 0})
+def test_full_queue_gets_503_with_retry_after(local, slow_steps, endless):
+    slow_steps(0.1)
+    holders = [OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 400, "temperature": 0})
+               for _ in range(LOCAL_MAX_BATCH)]
     try:
-        holder.next_event()
+        for holder in holders:
+            holder.next_event()
         with ThreadPoolExecutor(1) as pool:
             waiter = pool.submit(call, local.port, "POST", "/chat/completions", {"messages": HELLO, "max_tokens": 2})
-            wait_until(lambda: stats(local.port)["waiting_requests"] == 1, 5, "a request waiting for the worker")
+            wait_until(lambda: stats(local.port)["waiting_requests"] == 1, 5, "a request waiting for a row")
             status, headers, reply = call(local.port, "POST", "/chat/completions", {"messages": HELLO})
             assert status == 503 and int(headers["retry-after"]) > 0 and "busy" in json.loads(reply)["detail"]
             status, headers, reply = call(local.port, "POST", "/v1/chat/completions", {"messages": HELLO})
             assert status == 503 and "retry-after" in headers and json.loads(reply)["error"]["type"] == "server_error"
-            holder.hang_up()
-            status, _, body = waiter.result(timeout=10)
+            holders[0].hang_up()
+            status, _, body = waiter.result(timeout=30)
         assert status == 200 and events_of(body)[-1] == {"done": True}
     finally:
-        holder.hang_up()
+        for holder in holders:
+            holder.hang_up()
 
 
-def test_exception_in_generation_ends_the_response_with_an_error_and_frees_the_worker(local, patch_generate):
-    def failing(generate):
-        def broken(*args, **kwargs):
-            steps = generate(*args, **kwargs)
-            yield next(steps)
-            raise RuntimeError("injected failure")
-        return broken
+def test_a_burst_gets_rows_a_queue_and_503s_and_every_accepted_reply_completes(local, slow_steps, endless):
+    slow_steps(0.05)
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: call(local.port, "POST", "/chat/completions",
+                                               {"messages": HELLO, "max_tokens": 40, "temperature": 1.0}), range(12)))
+    statuses = sorted(status for status, _, _ in results)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= LOCAL_MAX_BATCH + 1 and 503 in statuses, statuses
+    for status, headers, body in results:
+        if status == 200:
+            assert events_of(body)[-1] == {"done": True}
+        else:
+            assert int(headers["retry-after"]) > 0 and "retry" in json.loads(body)["detail"]
+    now = stats(local.port)
+    assert (now["active_requests"], now["waiting_requests"], now["batch_rows"]) == (0, 0, 0)
 
-    patch_generate(failing)
+
+def test_a_request_that_waits_past_max_wait_gets_503(local, slow_steps, endless, monkeypatch):
+    slow_steps(0.1)
+    monkeypatch.setattr(local.settings, "max_wait", 0.5)
+    holders = [OpenStream(local.port, "/chat/completions", {"messages": HELLO, "max_tokens": 400, "temperature": 0})
+               for _ in range(LOCAL_MAX_BATCH)]
+    try:
+        for holder in holders:
+            holder.next_event()
+        status, headers, reply = call(local.port, "POST", "/v1/chat/completions", {"messages": HELLO})
+        assert status == 503 and "retry-after" in headers and "no free row within 0.5 s" in json.loads(reply)["error"]["message"]
+        assert stats(local.port)["waiting_requests"] == 0  # it left the queue
+    finally:
+        for holder in holders:
+            holder.hang_up()
+
+
+def test_stats_report_the_rate_and_the_longest_first_token_wait(local):
+    assert upstream_text(local.port, HELLO, max_tokens=20, temperature=0) is not None
+    now = stats(local.port)
+    assert now["tokens_per_s"] > 0 and now["longest_first_token_wait_s"] > 0 and now["max_wait_s"] == local.settings.max_wait
+    assert now["workers"][0]["max_batch"] == LOCAL_MAX_BATCH and now["workers"][0]["tokens_generated"] >= 1
+
+
+def test_a_failing_decode_step_ends_the_response_with_an_error_and_frees_its_rows(local, monkeypatch):
+    def broken(ids, kv_cache=None):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(local.model, "forward", broken)
     status, _, body = call(local.port, "POST", "/chat/completions", {"messages": HELLO, "max_tokens": 50})
     events = events_of(body)
     assert status == 200 and "injected failure" in events[-1]["error"] and {"done": True} not in events
-    assert stats(local.port)["available_workers"] == 1
+    assert stats(local.port)["batch_rows"] == 0
 
     status, _, reply = call(local.port, "POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 50})
     assert status == 500 and "injected failure" in json.loads(reply)["error"]["message"]
@@ -515,7 +661,8 @@ def test_exception_in_generation_ends_the_response_with_an_error_and_frees_the_w
     client = OpenAI(base_url=f"http://127.0.0.1:{local.port}/v1", api_key="x", max_retries=0)
     with pytest.raises(APIError, match="injected failure"):
         list(client.chat.completions.create(model="x", messages=HELLO, max_tokens=50, stream=True))
-    wait_until(lambda: stats(local.port)["available_workers"] == 1, 2, "the worker to come back")
+    monkeypatch.undo()
+    assert upstream_text(local.port, HELLO, max_tokens=3) is not None  # the loop goes on
 
 
 # -----------------------------------------------------------------------------
