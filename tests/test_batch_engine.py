@@ -105,6 +105,30 @@ def test_requests_joining_a_running_batch_get_the_engines_tokens(gpt, tiny_token
         assert recorder.kinds == ["admitted"] + ["tokens"] * len(columns) + ["done"]
 
 
+def test_the_2026_07_model_smears_each_row_with_its_own_previous_token(tiny_tokenizer):
+    """Smear keeps the previous token's embedding on the cache: per row, across prefill chunks and joins."""
+    config = GPTConfig.for_recipe("2026-07", sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2,
+                                  n_embd=64, window_pattern="SSL")
+    assert config.smear and config.backout
+    model = build_gpt(config, seed=4, perturb=0.1)
+    engine = Engine(model, tiny_tokenizer)
+    batcher = BatchEngine(model, tiny_tokenizer, max_batch=6, max_context=64, prefill_chunk=4)
+    requests = [GenerationRequest(prompt_of(tiny_tokenizer, "the cat sees the moon"), max_tokens=20, temperature=0.0),
+                GenerationRequest(prompt_of(tiny_tokenizer, "a bird"), num_samples=2, max_tokens=16, temperature=1.0,
+                                  seed=11),
+                GenerationRequest(prompt_of(tiny_tokenizer, "my teacher loves the quiet sea"), max_tokens=12,
+                                  temperature=0.8, top_k=40, seed=3)]
+    log, recorders = [], []
+    for request in requests:
+        recorders.append(Recorder(log))
+        batcher.submit(request, recorders[-1])
+        for _ in range(2):
+            batcher.step()
+    run_until_idle(batcher)
+    for request, recorder in zip(requests, recorders):
+        assert (recorder.columns, recorder.masks) == solo(engine, request)
+
+
 def test_a_cancelled_request_frees_its_rows_before_the_next_step(gpt, tiny_tokenizer):
     engine = Engine(gpt, tiny_tokenizer)
     batcher = BatchEngine(gpt, tiny_tokenizer, max_batch=8, max_context=64)
