@@ -18,6 +18,7 @@ from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, DummyWandb, UserError, autodetect_device_type, compute_init, get_peak_flops, print0,
 )
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.precision import add_dtype_flag
 
 # -----------------------------------------------------------------------------
 # Runtime
@@ -70,6 +71,59 @@ def add_keep_checkpoints_flag(parser):
         return value
     parser.add_argument("--keep-checkpoints", type=count, default=-1,
                         help="keep only the newest N complete checkpoints, deleting older ones after each save (-1 = keep all)")
+
+
+# -----------------------------------------------------------------------------
+# What the post-training phases (mid_train, chat_sft, chat_rl) share
+
+
+def phase_parser(description):
+    """A parser that opens with the wandb run and the device; --help shows every default."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_dtype_flag(parser)
+    return parser
+
+
+def add_source_flags(parser, what):
+    parser.add_argument("--model-tag", type=str, default=None,
+                        help=f"{what} to load, and the name of the output directory (default: the largest; output d<depth>)")
+    parser.add_argument("--model-step", type=int, default=None, help=f"step of the {what} to load (default: its last)")
+
+
+def add_optimizer_flags(parser, init_lr_frac, init_lr_note=""):
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of wte and value embeddings")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (not scheduled)")
+    parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="every LR is multiplied by this" + init_lr_note)
+
+
+def add_checkpoint_flags(parser, save_every=-1):
+    parser.add_argument("--save-every", type=int, default=save_every, help="also save every N steps, to resume from (-1 = only at the end)")
+    parser.add_argument("--resume-from-step", type=int, default=-1,
+                        help="resume this run from its checkpoint at this step (-1 = start fresh)")
+    add_keep_checkpoints_flag(parser)
+
+
+def all_reduce_floats(values, runtime, op=dist.ReduceOp.SUM):
+    """A few floats reduced element-wise over the ranks (sums of counts; MAX: stop flags every rank agrees on)."""
+    if not runtime.ddp:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def build_post_training_optimizer(args, model):
+    """The optimizer of mid_train, chat_sft and chat_rl: every LR scaled by --init-lr-frac (the schedules scale initial_lr)."""
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * args.init_lr_frac
+        group["initial_lr"] = group["lr"]  # the schedules scale this
+    return optimizer
 
 
 # -----------------------------------------------------------------------------

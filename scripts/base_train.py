@@ -27,11 +27,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (
-    load_checkpoint, load_model_state, load_optimizer_for_rank, save_checkpoint,
-)
 from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, compile_enabled, compute_cleanup, get_base_dir, parse_flags, print0, print_banner, run_script,
 )
@@ -39,9 +35,9 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
-from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb
 from nanochat.report import get_report
+from nanochat.resume import load_resumable, load_resumable_optimizer, save_resumable
 from nanochat.run_summary import base_run_summary, history_before, read_summary, summary_path, write_summary
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
@@ -156,30 +152,12 @@ class LoopState:
     wall_time: float = 0.0  # seconds of every process of this run up to the last save (resumes add up)
 
 
-def load_resume_checkpoint(args, checkpoint_dir, model, runtime):
-    """
-    Weights into the model (before compiling it); returns the checkpoint's meta, the loop state
-    and this rank's data loader position. The optimizer state is loaded after the optimizer exists.
-    """
-    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
-    model_data, _, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, runtime.device, load_optimizer=False)
-    saved_config = GPTConfig(**meta["model_config"])
-    if saved_config != model.config:
-        raise ConfigError(f"the checkpoint at step {args.resume_from_step} was trained with {saved_config}, "
-                          f"but these flags give {model.config}; resume with the original shape flags")
-    load_model_state(model, model_data)
-    saved = meta["loop_state"]
-    loop = LoopState(step=args.resume_from_step, val_bpb=meta.get("val_bpb"),
-                     min_val_bpb=saved.get("min_val_bpb", float("inf")),
-                     smooth_train_loss=saved.get("smooth_train_loss", 0.0),
-                     total_training_time=saved.get("total_training_time", 0.0),
-                     core_metric=saved.get("core_metric"), wall_time=saved.get("wall_time", 0.0))
-    per_rank_states = meta.get("dataloader_state_dicts")
-    if per_rank_states and len(per_rank_states) == runtime.world_size:
-        loader_state = per_rank_states[runtime.rank]
-    else:
-        loader_state = meta["dataloader_state_dict"]  # other world size: the loader resumes approximately
-    return meta, loop, loader_state
+def resume(args, checkpoint_dir, model, runtime):
+    """The checkpoint of --resume-from-step into the model (before compiling it): (loop state, this rank's data position)."""
+    _, loop, loader_states = load_resumable(checkpoint_dir, args.resume_from_step, model, LoopState, runtime)
+    loop.step = args.resume_from_step
+    # on another number of ranks the loader starts from rank 0's position and resumes approximately, as upstream's
+    return loop, loader_states[runtime.rank] if len(loader_states) == runtime.world_size else loader_states[0]
 
 
 # -----------------------------------------------------------------------------
@@ -205,29 +183,11 @@ def print_samples(model, tokenizer):
     model.train()
 
 
-def save_training_checkpoint(checkpoint_dir, model, optimizer, loop, loader_state, args, user_config, plan, runtime):
-    """A checkpoint to resume from: weights, every rank's optimizer shard and data position, the loop state."""
-    loader_states = [loader_state]
-    if runtime.ddp:
-        loader_states = [None] * runtime.world_size
-        dist.all_gather_object(loader_states, loader_state)
-    meta = {
-        "step": loop.step,
-        "val_bpb": loop.val_bpb,
-        "model_config": dict(model.config.__dict__),
-        "user_config": user_config,
-        "device_batch_size": args.device_batch_size,
-        "max_seq_len": args.max_seq_len,
-        "total_batch_size": plan.total_batch_size,
-        "world_size": runtime.world_size,
-        "dataloader_state_dict": loader_states[0],
-        "dataloader_state_dicts": loader_states,
-        "loop_state": {"min_val_bpb": loop.min_val_bpb, "smooth_train_loss": loop.smooth_train_loss,
-                       "total_training_time": loop.total_training_time, "core_metric": loop.core_metric,
-                       "wall_time": loop.wall_time},
-    }
-    save_checkpoint(checkpoint_dir, loop.step, model.state_dict(), optimizer.state_dict(), meta,
-                    rank=runtime.rank, collective=True, keep=args.keep_checkpoints)
+def save(checkpoint_dir, model, optimizer, loop, loader_state, args, user_config, plan, runtime):
+    """A checkpoint to resume from (nanochat/resume.py), with the keys upstream's base_train meta has."""
+    save_resumable(checkpoint_dir, loop.step, model, optimizer, loop, loader_state, runtime, keep=args.keep_checkpoints,
+                   val_bpb=loop.val_bpb, user_config=user_config, device_batch_size=args.device_batch_size,
+                   max_seq_len=args.max_seq_len, total_batch_size=plan.total_batch_size)
 
 
 def resolve_core_metric_every(args, device_type):
@@ -322,7 +282,7 @@ def main(argv=None):
     resuming = args.resume_from_step >= 0
     loop, loader_state = LoopState(), None
     if resuming:
-        _, loop, loader_state = load_resume_checkpoint(args, checkpoint_dir, orig_model, runtime)
+        loop, loader_state = resume(args, checkpoint_dir, orig_model, runtime)
     # the histories so far (a resumed run keeps the steps before its checkpoint and redoes the rest)
     previous_summary = read_summary(checkpoint_dir) if resuming and os.path.exists(summary_path(checkpoint_dir)) else None
     history = history_before(previous_summary, loop.step)
@@ -331,8 +291,7 @@ def main(argv=None):
     model = torch.compile(orig_model, dynamic=False) if compile_enabled(runtime.device_type) else orig_model
     optimizer = build_optimizer(args, orig_model, plan)
     if resuming:
-        optimizer.load_state_dict(load_optimizer_for_rank(checkpoint_dir, args.resume_from_step, device,
-                                                          runtime.rank, runtime.world_size))
+        load_resumable_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
     scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
 
     train_loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
@@ -369,7 +328,7 @@ def main(argv=None):
 
         if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
             loop.wall_time = wall_time_before + time.time() - process_start
-            save_training_checkpoint(checkpoint_dir, orig_model, optimizer, loop, consumed_loader_state,
+            save(checkpoint_dir, orig_model, optimizer, loop, consumed_loader_state,
                                      args, user_config, plan, runtime)
             if master_process:
                 write_summary(checkpoint_dir, base_run_summary(args, orig_model, plan, loop, history, runtime, mfu, 0.0,

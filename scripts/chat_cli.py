@@ -22,10 +22,9 @@ from nanochat.precision import add_dtype_flag, apply_dtype_flag, check_dtype_fla
 apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
 import argparse
-import os
 
-from nanochat.checkpoint_manager import PHASE_SCRIPTS, checkpoints_dir_for, find_largest_model, find_last_step, load_model
-from nanochat.common import MissingInputError, autodetect_device_type, compute_init, parse_flags, run_script
+from nanochat.checkpoint_manager import PHASES, load_model
+from nanochat.common import autodetect_device_type, compute_init, parse_flags, run_script
 from nanochat.engine import Engine
 from nanochat.tokenizer import IncrementalDecoder
 
@@ -36,7 +35,7 @@ QUIT_COMMANDS = ("quit", "exit")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat with a trained model in the terminal",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=list(PHASE_SCRIPTS),
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=list(PHASES),
                         help="which phase's model to load")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint directory (None = the largest model)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (None = the last one)")
@@ -52,31 +51,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Loading
-
-
-def _has_checkpoint(source, model_tag):
-    checkpoints_dir = checkpoints_dir_for(source)
-    try:
-        tag = model_tag or find_largest_model(checkpoints_dir)
-        find_last_step(os.path.join(checkpoints_dir, tag))
-    except MissingInputError:
-        return False
-    return True
-
-
-def load_chat_model(source, device, model_tag=None, step=None):
-    """load_model, except that a missing checkpoint says which phase writes it."""
-    try:
-        return load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-    except MissingInputError:
-        if _has_checkpoint(source, model_tag):
-            raise  # the checkpoint is there; something else (a step, the tokenizer) is missing
-        where = checkpoints_dir_for(source)
-        if model_tag:
-            where = os.path.join(where, model_tag)
-        others = [other for other in PHASE_SCRIPTS if other != source and _has_checkpoint(other, None)]
-        alternative = f", or pass -i {others[-1]}" if others else ""
-        raise MissingInputError(f"no {source} checkpoint in {where}: run {PHASE_SCRIPTS[source]} first{alternative}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +137,7 @@ def main(argv=None):
     args = parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, _ = load_chat_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     conversation = Conversation(Engine(model, tokenizer), tokenizer, args.temperature, args.top_k)
     try:
         if args.prompt:

@@ -33,7 +33,7 @@ from nanochat.engine import Engine
 from nanochat.report import get_report
 from tasks.evaluation import DEFAULT_TASKS, TASK_DATA, TASKS, chatcore_metric, evaluate_task
 from tasks.evaluation import run_chat_eval  # noqa: F401  (upstream's chat_sft imports it from here)
-from scripts.chat_cli import load_chat_model
+from nanochat.checkpoint_manager import load_model
 from tasks.provenance import data_source
 
 
@@ -126,7 +126,7 @@ def main(argv=None):
     check_dtype_flag(args.dtype)
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, meta = load_chat_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer)
 
     # Load every task first, so missing data stops the run before any evaluation time is spent.

@@ -16,6 +16,7 @@ Writes $NANOCHAT_BASE_DIR/chatrl_checkpoints/<model-tag or d<depth>>/{model,meta
        and the "Chat RL" report section.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -25,25 +26,21 @@ from nanochat.precision import apply_dtype_flag, check_dtype_flag  # noqa: E402
 
 apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
-import json
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (
-    PHASE_SCRIPTS, build_model, checkpoints_dir_for, find_largest_model, find_last_step, meta_path, model_path, save_checkpoint,
-)
+from nanochat.checkpoint_manager import build_model, checkpoints_dir_for, locate_checkpoint
 from nanochat.common import (
-    COMPUTE_DTYPE, ConfigError, MissingInputError, compute_cleanup, parse_flags, print0, print_banner, run_script,
+    COMPUTE_DTYPE, ConfigError, compute_cleanup, parse_flags, print0, print_banner, run_script,
 )
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.training import init_runtime, init_wandb, linear_decay_lr, synchronize, update_weights
-from scripts.chat_training import (
-    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer, load_resume_optimizer,
-    phase_parser,
+from nanochat.resume import check_resume_step, load_resumable, load_resumable_optimizer, save_resumable
+from nanochat.training import (
+    add_checkpoint_flags, add_optimizer_flags, add_source_flags, all_reduce_floats, build_post_training_optimizer,
+    init_runtime, init_wandb, linear_decay_lr, phase_parser, synchronize, update_weights,
 )
 from tasks.gsm8k import GSM8K
 from tasks.provenance import data_source
@@ -89,11 +86,8 @@ def rollout_seed(step, example_index, sampling_step=0):
 
 
 def rollout_tensors(sequences, masks, pad_id, device=None):
-    """
-    Token sequences (prompt + answer) and their Engine masks (0 prompt, 1 sampled, 0 forced) ->
-    (inputs, targets) of shape (rows, longest - 1). Short rows are padded with pad_id and mask 0;
-    targets are -1 wherever the predicted token was not sampled, so only sampled tokens train.
-    """
+    """(inputs, targets) of prompt+answer rows and their Engine masks (1 = sampled), padded with pad_id;
+    targets are -1 wherever the predicted token was not sampled, so only sampled tokens train."""
     longest = max(len(sequence) for sequence in sequences)
     ids = torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], dtype=torch.long, device=device)
     sampled = torch.tensor([m + [0] * (longest - len(m)) for m in masks], dtype=torch.long, device=device)
@@ -109,11 +103,8 @@ def advantages_from_rewards(rewards):
 
 
 def policy_gradient_loss(token_log_probs, targets, advantages, normalizer):
-    """
-    -sum over trained tokens of log p(token) * advantage of its row, divided by the number of
-    trained tokens (targets >= 0) in these rows times `normalizer` (passes per question x questions
-    per rank, so that the accumulated gradient is the mean over the rank's questions).
-    """
+    """-sum of log p(token) x its row's advantage over trained tokens, / (their number x normalizer: passes per
+    question x questions per rank, so that the accumulated gradient is the mean over the rank's questions)."""
     trained = targets >= 0
     num_trained = trained.sum().clamp(min=1)
     weighted = torch.where(trained, token_log_probs, 0.0) * advantages.unsqueeze(-1)
@@ -142,36 +133,10 @@ def check_flags(args, world_size):
 
 
 @dataclass
-class Source:
-    """The checkpoint RL starts from."""
+class Source:  # the checkpoint RL starts from
     phase: str
     checkpoint_dir: str
     step: int
-    meta: dict
-
-
-def resolve_source(args):
-    """
-    The source checkpoint's directory, step and meta; a missing one names the phase that writes it.
-    Not chat_training.load_source_model: a resumed run builds its model from its own checkpoint.
-    """
-    checkpoints_dir = checkpoints_dir_for(args.source)
-    where = os.path.join(checkpoints_dir, args.model_tag) if args.model_tag else checkpoints_dir
-    try:
-        tag = args.model_tag or find_largest_model(checkpoints_dir)
-        checkpoint_dir = os.path.join(checkpoints_dir, tag)
-        last_step = find_last_step(checkpoint_dir)
-    except MissingInputError:
-        other = next(phase for phase in SOURCES if phase != args.source)
-        raise MissingInputError(f"no {args.source} checkpoint in {where}: run {PHASE_SCRIPTS[args.source]} first "
-                                f"(or pass --source {other})") from None
-    step = last_step if args.model_step is None else args.model_step
-    if not os.path.exists(meta_path(checkpoint_dir, step)):
-        raise MissingInputError(f"no complete checkpoint of step {step} in {checkpoint_dir}: "
-                                f"pass --model-step={last_step} (the last one)")
-    with open(meta_path(checkpoint_dir, step), encoding="utf-8") as f:
-        meta = json.load(f)
-    return Source(args.source, checkpoint_dir, step, meta)
 
 
 @dataclass
@@ -206,36 +171,15 @@ class LoopState:
     pass_at_k: list = field(default_factory=list)  # of the last evaluation
 
 
-def load_rl_checkpoint(args, checkpoint_dir, plan, runtime):
-    """The model saved after step --resume-from-step and the loop state to continue with."""
-    step = args.resume_from_step
-    if not os.path.exists(model_path(checkpoint_dir, step)):
-        raise MissingInputError(f"no RL checkpoint of step {step} in {checkpoint_dir}: pass a step that was saved "
-                                "(see --save-every) or start fresh without --resume-from-step")
-    print0(f"Resuming after step {step} from {checkpoint_dir}")
-    model, tokenizer, meta = build_model(checkpoint_dir, step, runtime.device, phase="train")
+def resume(args, checkpoint_dir, model, plan, runtime):
+    """The RL checkpoint of --resume-from-step into the model; returns the loop state to continue with."""
+    meta, loop, _ = load_resumable(checkpoint_dir, args.resume_from_step, model, LoopState, runtime)
     if meta.get("num_steps") != plan.num_steps:
-        raise ConfigError(f"the checkpoint at step {step} belongs to a run of {meta.get('num_steps')} steps, these flags "
-                          f"give {plan.num_steps}: resume with the original --examples-per-step/--num-epochs/--num-steps")
-    saved = meta["loop_state"]
-    loop = LoopState(step=step + 1, example_position=saved["example_position"], mean_reward=saved.get("mean_reward"),
-                     pass_at_k=saved.get("pass_at_k", []))
-    return model, tokenizer, loop
-
-
-def save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime, keep):
-    meta = {
-        "step": step,
-        "model_config": dict(model.config.__dict__),
-        "user_config": user_config,
-        "source": {"phase": source.phase, "checkpoint_dir": source.checkpoint_dir, "step": source.step},
-        "num_steps": plan.num_steps,
-        "loop_state": {"example_position": loop.example_position, "mean_reward": loop.mean_reward,
-                       "pass_at_k": loop.pass_at_k},
-    }
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta,
-                    rank=runtime.rank, collective=True, keep=keep)
-    print0(f"Saved model checkpoint to {checkpoint_dir} (step {step})")
+        raise ConfigError(f"the checkpoint at step {args.resume_from_step} belongs to a run of {meta.get('num_steps')} "
+                          f"steps, these flags give {plan.num_steps}: resume with the original "
+                          "--examples-per-step/--num-epochs/--num-steps")
+    loop.step = args.resume_from_step + 1  # a checkpoint is saved after its step ran
+    return loop
 
 
 # -----------------------------------------------------------------------------
@@ -272,14 +216,6 @@ def rollout(engine, tokenizer, task, example_index, step, args, device):
     return Rollout(sequences, inputs, targets, rewards, advantages_from_rewards(rewards), num_generated)
 
 
-def all_reduce_sum(values, runtime):
-    """Element-wise sum over ranks of a list of floats."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    if runtime.ddp:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 @torch.no_grad()
 def evaluate_pass_at_k(engine, tokenizer, task, args, runtime):
     """
@@ -296,7 +232,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, args, runtime):
         for k in range(1, k_max + 1):
             solved[k - 1] += int(any(correct[:k]))
     num_here = len(range(runtime.rank, num_problems, runtime.world_size))
-    *solved, num_counted = all_reduce_sum([*solved, num_here], runtime)
+    *solved, num_counted = all_reduce_floats([*solved, num_here], runtime)
     return [s / num_counted for s in solved]
 
 
@@ -353,11 +289,30 @@ def train_step(model, engine, tokenizer, task, optimizer, scaler, loop, plan, ar
     synchronize(device)
     train_seconds += time.time() - t0
 
-    reward_sum, length_sum, num_lengths, trained_tokens, generated_tokens = all_reduce_sum(
+    reward_sum, length_sum, num_lengths, trained_tokens, generated_tokens = all_reduce_floats(
         [sum(rewards) / len(rewards), sum(lengths), len(lengths), trained_tokens, generated_tokens], runtime)
     loop.example_position += args.examples_per_step
     return StepResult(reward_sum / runtime.world_size, length_sum / num_lengths, rollout_seconds, train_seconds,
                       int(trained_tokens), int(generated_tokens)), lrm
+
+
+def write_report(user_config, source, plan, loop, world_size):
+    def labelled(split):
+        data = data_source(("openai/gsm8k", "main", split))
+        return f" (offline substitute: {data.substitute})" if data and data.substitute else ""
+
+    get_report().log(section="Chat RL", data=[
+        user_config,
+        {
+            "Source": f"{source.phase} {source.checkpoint_dir} step {source.step}",
+            "GSM8K train": f"{plan.num_train_problems} problems{labelled('train')}",
+            "GSM8K test": f"first {user_config['eval_examples']} problems for pass@k{labelled('test')}",
+            "Number of steps": plan.num_steps,
+            "DDP world size": world_size,
+            "Final average reward": loop.mean_reward,
+            **{f"Last pass@{k}": p for k, p in enumerate(loop.pass_at_k, start=1)},
+        },
+    ])
 
 
 # -----------------------------------------------------------------------------
@@ -372,22 +327,21 @@ def main(argv=None):
     check_flags(args, runtime.world_size)
     wandb_run = init_wandb("nanochat-rl", args.run, user_config, runtime.rank)
 
-    source = resolve_source(args)
+    source = Source(args.source, *locate_checkpoint(args.source, args.model_tag, args.model_step))
     train_task = GSM8K(subset="main", split="train")
     val_task = GSM8K(subset="main", split="test")
     print0(f"GSM8K: {len(train_task):,} train problems, {len(val_task):,} test problems")
     plan = plan_run(args, len(train_task), runtime.world_size)
-    checkpoint_dir = os.path.join(checkpoints_dir_for("rl"), args.model_tag or f"d{source.meta['model_config']['n_layer']}")
-
-    if args.resume_from_step >= 0:
-        model, tokenizer, loop = load_rl_checkpoint(args, checkpoint_dir, plan, runtime)
-    else:
-        print0(f"Starting from {source.phase} checkpoint {source.checkpoint_dir} step {source.step}")
-        model, tokenizer, _ = build_model(source.checkpoint_dir, source.step, runtime.device, phase="train")
-        loop = LoopState()
-    optimizer = build_optimizer(args, model)
-    if args.resume_from_step >= 0:
-        load_resume_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
+    print0(f"Starting from {source.phase} checkpoint {source.checkpoint_dir} step {source.step}")
+    model, tokenizer, _ = build_model(source.checkpoint_dir, source.step, runtime.device, phase="train")
+    checkpoint_dir = os.path.join(checkpoints_dir_for("rl"), args.model_tag or f"d{model.config.n_layer}")
+    resuming = args.resume_from_step >= 0
+    if resuming:
+        check_resume_step(checkpoint_dir, args.resume_from_step)
+    loop = resume(args, checkpoint_dir, model, plan, runtime) if resuming else LoopState()
+    optimizer = build_post_training_optimizer(args, model)
+    if resuming:
+        load_resumable_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
     scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
     engine = Engine(model, tokenizer)
     flops_per_token = model.estimate_flops()  # forward + backward; a sampled token costs about a third
@@ -414,31 +368,12 @@ def main(argv=None):
 
         last_step = step == plan.num_steps - 1
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
-            save_rl_checkpoint(checkpoint_dir, step, model, optimizer, loop, user_config, plan, source, runtime,
-                               args.keep_checkpoints)
+            save_resumable(checkpoint_dir, step, model, optimizer, loop, None, runtime, keep=args.keep_checkpoints,
+                           user_config=user_config, num_steps=plan.num_steps, source=dataclasses.asdict(source))
 
     write_report(user_config, source, plan, loop, runtime.world_size)
     wandb_run.finish()
     compute_cleanup()
-
-
-def write_report(user_config, source, plan, loop, world_size):
-    def labelled(split):
-        source = data_source(("openai/gsm8k", "main", split))
-        return f" (offline substitute: {source.substitute})" if source and source.substitute else ""
-
-    get_report().log(section="Chat RL", data=[
-        user_config,
-        {
-            "Source": f"{source.phase} {source.checkpoint_dir} step {source.step}",
-            "GSM8K train": f"{plan.num_train_problems} problems{labelled('train')}",
-            "GSM8K test": f"first {user_config['eval_examples']} problems for pass@k{labelled('test')}",
-            "Number of steps": plan.num_steps,
-            "DDP world size": world_size,
-            "Final average reward": loop.mean_reward,
-            **{f"Last pass@{k}": p for k, p in enumerate(loop.pass_at_k, start=1)},
-        },
-    ])
 
 
 if __name__ == "__main__":

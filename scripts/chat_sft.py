@@ -31,18 +31,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_data import padded_conversation_batches
+from nanochat.chat_data import loader_state_for_rank, padded_conversation_batches
 from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, compute_cleanup, get_base_dir, parse_flags, print0, print_banner, run_script,
 )
 from nanochat.engine import Engine
+from nanochat.checkpoint_manager import load_model
 from nanochat.report import get_report
-from nanochat.training import init_runtime, init_wandb, warmup_warmdown_lr, manage_garbage_collection, synchronize, update_weights
-from scripts.chat_training import (
-    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
-    check_resume_step, load_resume_checkpoint, load_resume_optimizer,
-    load_source_model, phase_parser, restore_loop_state, save_resumable_checkpoint,
-    warm_start_optimizer,
+from nanochat.resume import (
+    check_resume_step, load_resumable, load_resumable_optimizer, save_resumable, warm_start_optimizer,
+)
+from nanochat.training import (
+    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_post_training_optimizer, init_runtime, init_wandb,
+    manage_garbage_collection, phase_parser, synchronize, update_weights, warmup_warmdown_lr,
 )
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -166,7 +167,7 @@ def main(argv=None):
     grad_accum_steps = check_args(args, runtime.world_size)
     wandb_run = init_wandb("nanochat-sft", args.run, user_config, runtime.rank)
 
-    model, tokenizer, _ = load_source_model(args.source, device, args.model_tag, args.model_step)
+    model, tokenizer, _ = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.model_step)
     max_tokens = model.config.sequence_len  # rows never outgrow the context the model was trained on
     checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", args.model_tag or f"d{model.config.n_layer}")
     resuming = args.resume_from_step >= 0
@@ -189,11 +190,11 @@ def main(argv=None):
 
     loop, loader_state = LoopState(), None
     if resuming:
-        meta, loader_state = load_resume_checkpoint(checkpoint_dir, args.resume_from_step, model, runtime)
-        loop = restore_loop_state(LoopState, meta)
-    optimizer = build_optimizer(args, model)
+        _, loop, loader_states = load_resumable(checkpoint_dir, args.resume_from_step, model, LoopState, runtime)
+        loader_state = loader_state_for_rank(loader_states, runtime.rank, runtime.world_size)
+    optimizer = build_post_training_optimizer(args, model)
     if resuming:
-        load_resume_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
+        load_resumable_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
     elif args.load_optimizer:
         warm_start_optimizer(optimizer, args.source, runtime, args.model_tag, args.model_step)
     scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
@@ -218,10 +219,9 @@ def main(argv=None):
 
         periodic_save = args.save_every > 0 and step > 0 and step != args.resume_from_step and step % args.save_every == 0
         if last_step or periodic_save:
-            save_resumable_checkpoint(checkpoint_dir, step, model, optimizer, loop, consumed_loader_state, {
-                "val_loss": loop.val_loss, **loop.metrics, "user_config": user_config, "source": args.source,
-                "num_iterations": num_iterations,
-            }, runtime, keep=args.keep_checkpoints)
+            save_resumable(checkpoint_dir, step, model, optimizer, loop, consumed_loader_state, runtime,
+                           keep=args.keep_checkpoints, val_loss=loop.val_loss, **loop.metrics, user_config=user_config,
+                           source=args.source, num_iterations=num_iterations)
         if last_step:
             break
 

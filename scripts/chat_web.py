@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -45,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
 from nanochat.batch_engine import DEFAULT_PREFILL_CHUNK, BatchEngine, GenerationRequest
-from nanochat.checkpoint_manager import CHECKPOINT_DIRS, checkpoints_dir_for, find_largest_model, load_model
+from nanochat.checkpoint_manager import PHASES, load_model, locate_checkpoint
 from nanochat.common import ConfigError, autodetect_device_type, compute_init, parse_flags, run_script
 from nanochat.flash_attention import require_fast_attention
 from nanochat.tokenizer import IncrementalDecoder
@@ -71,7 +72,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Chat web server (UI + upstream API + OpenAI API)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only; CPU/MPS run one)")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=list(CHECKPOINT_DIRS), help="checkpoints to load")
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=list(PHASES), help="checkpoints to load")
     parser.add_argument("-t", "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=DEFAULT_TOP_K, help="default top-k (0 = none)")
     parser.add_argument("-m", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="default tokens per reply")
@@ -175,12 +176,12 @@ def load_workers(args):
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         raise ConfigError(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
     devices = [torch.device("cuda", i) for i in range(args.num_gpus)] if device_type == "cuda" else [torch.device(device_type)]
-    model_tag = args.model_tag or find_largest_model(checkpoints_dir_for(args.source))
-    workers, step = [], args.step
+    checkpoint_dir, step = locate_checkpoint(args.source, args.model_tag, args.step)  # every worker loads the same one
+    model_tag = os.path.basename(checkpoint_dir)
+    workers = []
     for gpu_id, device in enumerate(devices):
         logger.info(f"Loading the model on {device} ...")
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
-        step = meta.get("step", step)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
         if args.max_context is not None and not 1 <= args.max_context <= model.rotary_seq_len:
             raise ConfigError(f"--max-context must be in [1, {model.rotary_seq_len}] for this model "
                               f"(its rotary tables), got {args.max_context}")

@@ -26,11 +26,9 @@ import tempfile
 
 import torch
 
-from nanochat.checkpoint_manager import (
-    checkpoints_dir_for, find_largest_model, find_last_step, load_checkpoint, save_checkpoint,
-)
+from nanochat.checkpoint_manager import checkpoints_dir_for, config_of, load_checkpoint, locate_checkpoint, save_checkpoint
 from nanochat.common import ConfigError, MissingInputError, get_base_dir, parse_flags, print0, run_script
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, UPSTREAM_CONFIG_FIELDS
 from nanochat.report import SECTION_ORDER
 from nanochat.tokenizer import get_tokenizer
 
@@ -41,7 +39,6 @@ AUTO_MAP = {
     "AutoConfig": "configuration_nanochat_gpt.NanochatGPTConfig",
     "AutoModelForCausalLM": "modeling_nanochat_gpt.NanochatGPTForCausalLM",
 }
-GPT_CONFIG_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
 
 def parse_args(argv=None):
@@ -70,23 +67,22 @@ def _require_hf():
 # What the modeling file supports
 
 
-def checked_model_config(model_config, model_data, where):
+def checked_model_config(meta, model_data, where):
     """
-    The GPTConfig of a checkpoint, after checking that its config and state dict are exactly the
-    architecture the exported modeling file implements; raises ConfigError naming what is not.
+    The GPTConfig of a checkpoint (its meta's model_config and model_options, its state dict), after
+    checking that it is exactly the architecture the exported modeling file implements: the 2026-01
+    model. Anything else is a ConfigError naming what is not supported.
     """
-    model_config = dict(model_config)
-    model_config.setdefault("window_pattern", "L")  # checkpoints from before sliding windows used full attention
-    unknown = sorted(set(model_config) - set(GPT_CONFIG_FIELDS))
-    if unknown:
-        raise ConfigError(f"{where}: model config field(s) {', '.join(unknown)} are not supported by the exported "
-                          f"modeling file (it implements {', '.join(GPT_CONFIG_FIELDS)})")
     try:
-        config = GPTConfig(**model_config)
+        config = config_of(meta, model_data)
         with torch.device("meta"):
             expected = GPT(config).state_dict()
-    except ValueError as error:
-        raise ConfigError(f"{where}: model config {model_config} is not supported by the exported modeling file: {error}") from error
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: model config {meta.get('model_config')} is not supported by the exported modeling "
+                          f"file: {error}") from error
+    if config.recipe() != "2026-01":
+        raise ConfigError(f"{where} is a {config.recipe() or 'custom'} model (smear, backout, ...): the exported modeling "
+                          "file implements the 2026-01 architecture only; train with --recipe=2026-01 to export")
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
     missing, extra = sorted(set(expected) - set(model_data)), sorted(set(model_data) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(model_data) if tuple(expected[k].shape) != tuple(model_data[k].shape))
@@ -144,7 +140,7 @@ def write_model_files(directory, config, model_data, bos_token_id=None, eos_toke
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_data.items()}
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
-    hf_config = NanochatGPTConfig(**dataclasses.asdict(config), bos_token_id=bos_token_id, eos_token_id=eos_token_ids,
+    hf_config = NanochatGPTConfig(**config.meta_entries()["model_config"], bos_token_id=bos_token_id, eos_token_id=eos_token_ids,
                                   pad_token_id=bos_token_id)
     hf_config.architectures = ["NanochatGPTForCausalLM"]
     hf_config.auto_map = dict(AUTO_MAP)
@@ -177,13 +173,8 @@ class ResolvedCheckpoint:
 
 
 def resolve_checkpoint(source, model_tag, step):
-    checkpoints_dir = checkpoints_dir_for(source)
-    model_tag = model_tag or find_largest_model(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-    if not os.path.isdir(checkpoint_dir):
-        raise MissingInputError(f"no checkpoint at {checkpoint_dir}: train the {source} phase first or pass -g/--model-tag")
-    step = find_last_step(checkpoint_dir) if step is None else step
-    return ResolvedCheckpoint(checkpoint_dir, model_tag, int(step))
+    checkpoint_dir, step = locate_checkpoint(source, model_tag, step)
+    return ResolvedCheckpoint(checkpoint_dir, os.path.basename(checkpoint_dir), step)
 
 
 def _replace_directory(staging, destination):
@@ -206,7 +197,7 @@ def export(source, model_tag, step, output, force=False):
     checkpoint = resolve_checkpoint(source, model_tag, step)
     model_data, _, meta = load_checkpoint(checkpoint.checkpoint_dir, checkpoint.step, "cpu")
     where = f"{checkpoint.checkpoint_dir} step {checkpoint.step}"
-    config, model_data = checked_model_config(meta["model_config"], model_data, where)
+    config, model_data = checked_model_config(meta, model_data, where)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ConfigError(f"the tokenizer in {os.path.join(get_base_dir(), 'tokenizer')} has {tokenizer.get_vocab_size()} "
@@ -251,9 +242,9 @@ def import_export(directory, source, model_tag=None, step=None, force=False):
     if hf_config.get("model_type") != "nanochat_gpt":
         raise ConfigError(f"{config_path} has model_type {hf_config.get('model_type')!r}; only nanochat_gpt exports "
                           "(written by python -m scripts.export_hf) can be imported")
-    model_config = {name: hf_config[name] for name in GPT_CONFIG_FIELDS if name in hf_config}
+    model_config = {name: hf_config[name] for name in UPSTREAM_CONFIG_FIELDS if name in hf_config}
     model_data = load_file(weights_path)
-    config, model_data = checked_model_config(model_config, model_data, directory)
+    config, model_data = checked_model_config({"model_config": model_config}, model_data, directory)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ConfigError(f"{directory} has a vocab of {config.vocab_size} but the tokenizer in "
@@ -266,7 +257,7 @@ def import_export(directory, source, model_tag=None, step=None, force=False):
     meta_file = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     if os.path.exists(meta_file) and not force:
         raise ConfigError(f"{meta_file} already exists: pass --force to overwrite it, or choose another -g/-s")
-    meta = {"step": step, "model_config": dataclasses.asdict(config), "imported_from": os.path.abspath(directory)}
+    meta = {"step": step, **config.meta_entries(), "imported_from": os.path.abspath(directory)}
     save_checkpoint(checkpoint_dir, step, model_data, None, meta)
     print0(f"Imported {directory} as {checkpoint_dir} step {step}")
     return checkpoint_dir

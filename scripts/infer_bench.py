@@ -30,7 +30,7 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.flash_attention import require_fast_attention
-from scripts.chat_cli import load_chat_model
+from nanochat.checkpoint_manager import load_model
 
 RANDOM_MODEL_VOCAB_SIZE = 32768  # tok_train's default vocab
 WARMUP_TOKENS = 8  # a short untimed run per configuration: allocator, kernel selection, caches
@@ -104,7 +104,7 @@ def load_benchmark_model(args, device):
             raise ConfigError("--depth benchmarks a random model: drop -g/--model-tag and -s/--step (or --depth)")
         model = build_random_model(args.depth, args.max_seq_len, device)
         return model, None, dict(source="random", model_tag=f"d{args.depth}", step=None)
-    model, tokenizer, meta = load_chat_model(args.source, device, model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     return model, tokenizer, dict(source=args.source, model_tag=args.model_tag, step=meta.get("step"))
 
 

@@ -29,23 +29,23 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from nanochat.chat_data import packed_conversation_batches
+from nanochat.chat_data import loader_state_for_rank, packed_conversation_batches
 from nanochat.common import (
     COMPUTE_DTYPE, ConfigError, compile_enabled, compute_cleanup, get_base_dir, parse_flags, print0, print_banner,
     run_script,
 )
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.checkpoint_manager import load_model
 from nanochat.report import get_report
+from nanochat.resume import (
+    check_resume_step, load_resumable, load_resumable_optimizer, save_resumable,
+)
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (
-    init_runtime, init_wandb, late_decay_lr, manage_garbage_collection, muon_momentum, synchronize, update_weights,
-)
-from scripts.chat_training import (
-    add_checkpoint_flags, add_optimizer_flags, add_source_flags, build_optimizer,
-    check_resume_step, load_resume_checkpoint, load_resume_optimizer,
-    load_source_model, phase_parser, restore_loop_state, save_resumable_checkpoint,
-    synchronize_flags,
+    add_checkpoint_flags, add_optimizer_flags, add_source_flags, all_reduce_floats, build_post_training_optimizer,
+    init_runtime, init_wandb, late_decay_lr, manage_garbage_collection, muon_momentum, phase_parser, synchronize, update_weights,
 )
 from tasks.gsm8k import GSM8K
 from tasks.mixtures import MixturePart, load_mixture, mixture_markdown
@@ -145,7 +145,8 @@ def main(argv=None):
     device = runtime.device
     wandb_run = init_wandb("nanochat-mid", args.run, user_config, runtime.rank)
 
-    orig_model, tokenizer, base_meta = load_source_model("base", device, args.model_tag, args.model_step)
+    orig_model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag,
+                                                 step=args.model_step)
     pretrain_batch_size = base_meta.get("device_batch_size")
     if pretrain_batch_size is not None and args.device_batch_size > pretrain_batch_size:
         print0(f"FOOTGUN WARNING: base model training used device_batch_size {pretrain_batch_size}, "
@@ -161,12 +162,12 @@ def main(argv=None):
 
     loop, loader_state = LoopState(), None
     if resuming:
-        meta, loader_state = load_resume_checkpoint(checkpoint_dir, args.resume_from_step, orig_model, runtime)
-        loop = restore_loop_state(LoopState, meta)
+        _, loop, loader_states = load_resumable(checkpoint_dir, args.resume_from_step, orig_model, LoopState, runtime)
+        loader_state = loader_state_for_rank(loader_states, runtime.rank, runtime.world_size)
     model = torch.compile(orig_model, dynamic=False) if compile_enabled(runtime.device_type) else orig_model
-    optimizer = build_optimizer(args, orig_model)
+    optimizer = build_post_training_optimizer(args, orig_model)
     if resuming:
-        load_resume_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
+        load_resumable_optimizer(optimizer, checkpoint_dir, args.resume_from_step, runtime)
     scaler = torch.amp.GradScaler(runtime.device_type) if COMPUTE_DTYPE == torch.float16 else None  # fp16 only
 
     train_size = len(train_mixture.task)
@@ -184,7 +185,7 @@ def main(argv=None):
         consumed = consumed_loader_state["consumed"] / train_size if consumed_loader_state else 0.0
         done = next_loader_state["consumed"] >= train_size or 0 < args.num_iterations <= step
         progress = step / args.num_iterations if args.num_iterations > 0 else consumed
-        done, loop.progress = synchronize_flags([float(done), progress], runtime)
+        done, loop.progress = all_reduce_floats([float(done), progress], runtime, op=dist.ReduceOp.MAX)
         last_step = bool(done)
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
@@ -196,10 +197,10 @@ def main(argv=None):
 
         periodic_save = args.save_every > 0 and step > 0 and step != args.resume_from_step and step % args.save_every == 0
         if not args.dry_run and (last_step or periodic_save):
-            save_resumable_checkpoint(checkpoint_dir, step, orig_model, optimizer, loop, consumed_loader_state, {
-                "val_bpb": loop.val_bpb, "user_config": user_config, "device_batch_size": args.device_batch_size,
-                "max_seq_len": args.max_seq_len, "total_batch_size": args.total_batch_size,
-            }, runtime, keep=args.keep_checkpoints)
+            save_resumable(checkpoint_dir, step, orig_model, optimizer, loop, consumed_loader_state, runtime,
+                           keep=args.keep_checkpoints, val_bpb=loop.val_bpb, user_config=user_config,
+                           device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len,
+                           total_batch_size=args.total_batch_size)
         if last_step:
             break
 

@@ -199,7 +199,7 @@ def test_base_loss_reports_bpb_of_the_trained_model(base_dir, trained_for_loss):
     (["--device-batch-size=4", "--split-tokens=300", "--model-tag=for_loss"],
      "--split-tokens=300 must be a positive multiple of device_batch_size * sequence_len * world_size = 4 * 64 * 1 = 256; "
      "e.g. --split-tokens=256"),
-    (["--device-batch-size=4", "--split-tokens=512", "--model-tag=never_trained"], "no checkpoint at"),
+    (["--device-batch-size=4", "--split-tokens=512", "--model-tag=never_trained"], "no base checkpoint in"),
     # the hub is unreachable in tests (HF_HUB_OFFLINE=1): missing transformers or a missing model, said plainly
     (["--device-batch-size=4", "--split-tokens=512", "--hf-path=openai-community/gpt2"], "--hf-path=openai-community/gpt2"),
 ])

@@ -90,7 +90,7 @@ def test_ctrl_c_at_the_prompt_says_goodbye_without_a_traceback(tiny_tokenizer, m
     def interrupted(prompt=""):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(chat_cli, "load_chat_model", lambda *args, **kwargs: (None, tiny_tokenizer, {}))
+    monkeypatch.setattr(chat_cli, "load_model", lambda *args, **kwargs: (None, tiny_tokenizer, {}))
     monkeypatch.setattr("builtins.input", interrupted)
     chat_cli.main(["--device-type", "cpu"])
     assert capsys.readouterr().out.rstrip().endswith("Goodbye!")
@@ -108,8 +108,8 @@ def test_missing_checkpoint_is_one_line_naming_the_phase_to_run(chats):
     assert returncode == 2
     lines = stdout.strip().splitlines()
     assert len(lines) == 1, stdout
-    assert "no sft checkpoint in" in lines[0] and "run scripts.chat_sft first" in lines[0]
-    assert "pass -i base" in lines[0]  # the base model of tiny_checkpoint is there
+    assert "no sft checkpoint in" in lines[0] and "run `python -m scripts.chat_sft` first" in lines[0]
+    assert "(checkpoints of other phases exist: base" in lines[0]  # the base model of tiny_checkpoint is there
     assert "Traceback" not in stderr
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, build_gpt, child_env, free_port, gloo_aborted
-from nanochat.checkpoint_manager import CHECKPOINT_DIRS
+from nanochat.checkpoint_manager import PHASES
 from nanochat.common import ConfigError, MissingInputError
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
@@ -273,7 +273,7 @@ def sft_base(tiny_base_dir, tiny_checkpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("chat_eval_base")
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     source = tiny_base_dir / "base_checkpoints" / "for_loss"
-    target = base / CHECKPOINT_DIRS["sft"] / "for_loss"
+    target = base / PHASES["sft"][0] / "for_loss"
     target.mkdir(parents=True)
     for path in source.iterdir():
         if path.name.startswith(("model_", "meta_")):
@@ -365,7 +365,7 @@ def test_two_ranks_score_exactly_what_one_rank_scores(sft_base, one_rank_run):
 def test_missing_checkpoint_and_unknown_task_are_one_line_errors(sft_base, monkeypatch):
     base, _ = sft_base
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    with pytest.raises(MissingInputError, match="no mid checkpoint in .*: run scripts.mid_train first, or pass -i sft"):
+    with pytest.raises(MissingInputError, match=r"no mid checkpoint in .*: run `python -m scripts.mid_train` first \(checkpoints of other phases exist: .*sft"):
         chat_eval.main(["-i", "mid", "--device-type", "cpu"])
     with pytest.raises(ConfigError, match="unknown task MMLU-Pro in -a"):
         chat_eval.main(["-i", "sft", "-a", "ARC-Easy|MMLU-Pro"])

@@ -280,9 +280,9 @@ def test_two_ranks_split_each_step(rl_base, first_run, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--source=mid"], "no mid checkpoint in {base}/mid_checkpoints/rl_policy: run scripts.mid_train first (or pass --source sft)"),
+    (["--source=mid"], "no mid checkpoint in {base}/mid_checkpoints/rl_policy: run `python -m scripts.mid_train` first"),
     (["--num-samples=3"], "--num-samples=3 must be a multiple of --device-batch-size=2"),
-    (["--resume-from-step=0"], "no RL checkpoint of step 0 in {base}/chatrl_checkpoints/rl_policy"),
+    (["--resume-from-step=0"], "--resume-from-step=0: no complete checkpoint at {base}/chatrl_checkpoints/rl_policy/meta_000000.json"),
     (["--examples-per-step=9"], "GSM8K train has 8 problems, fewer than --examples-per-step=9"),
 ])
 def test_bad_input_is_one_line_at_start(rl_base, flags, message):

@@ -106,8 +106,9 @@ def test_chat_sft_killed_after_a_save_resumes_with_identical_losses(sft_run, cha
 def test_load_optimizer_warm_starts_the_state_with_this_runs_learning_rates(mid_run, chat_base_dir):
     from nanochat.checkpoint_manager import load_model
     from nanochat.training import Runtime
-    from scripts.chat_sft import build_optimizer, parse_args
-    from scripts.chat_training import warm_start_optimizer
+    from nanochat.training import build_post_training_optimizer as build_optimizer
+    from scripts.chat_sft import parse_args
+    from nanochat.resume import warm_start_optimizer
 
     with script_environment(chat_base_dir):
         model, _, _ = load_model("mid", "cpu", phase="train", model_tag="chat")
@@ -129,7 +130,7 @@ def test_load_optimizer_warm_starts_the_state_with_this_runs_learning_rates(mid_
     (["--target-examples-per-step=6"], "--target-examples-per-step=6 must be a positive multiple of device_batch_size * "
                                        "world_size = 4 * 1 = 4"),
     (["--model-tag=bad"], "no mid checkpoint in"),
-    (["--model-tag=chat", "--resume-from-step=3"], "--resume-from-step=3: no checkpoint at"),
+    (["--model-tag=chat", "--resume-from-step=3"], "--resume-from-step=3: no complete checkpoint at"),
 ])
 def test_chat_sft_bad_input_is_one_line_at_start_and_writes_nothing(mid_run, chat_base_dir, flags, message):
     from scripts.chat_sft import main

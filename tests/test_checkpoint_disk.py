@@ -14,11 +14,12 @@ import torch
 
 from conftest import REPO_ROOT, child_env
 from nanochat import checkpoint_manager as cm
+from nanochat.resume import DiskFullError, save_and_prune
 
 
 def save(checkpoint_dir, step, keep=-1, size=16):
-    cm.save_checkpoint(str(checkpoint_dir), step, {"w": torch.full((size,), float(step))},
-                       {"state": {0: {"m": torch.full((size,), float(step))}}}, {"step": step}, keep=keep)
+    save_and_prune(str(checkpoint_dir), step, {"w": torch.full((size,), float(step))},
+                   {"state": {0: {"m": torch.full((size,), float(step))}}}, {"step": step}, keep=keep)
 
 
 def files_of(checkpoint_dir):
@@ -102,7 +103,7 @@ def small_filesystem(tmp_path):
 def test_a_full_disk_names_the_last_complete_step_and_leaves_no_partial_files(small_filesystem):
     checkpoint_dir = small_filesystem(1) / "d2"
     save(checkpoint_dir, 1, size=50_000)  # 2 x 200 KB
-    with pytest.raises(cm.DiskFullError) as full:
+    with pytest.raises(DiskFullError) as full:
         for step in (2, 3, 4):
             save(checkpoint_dir, step, size=50_000)
     message = str(full.value)

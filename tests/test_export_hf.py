@@ -276,7 +276,7 @@ def test_export_then_import_reproduces_the_checkpoint_bit_for_bit(own_base_dir, 
     for key, tensor in original.items():
         assert imported[key].dtype == tensor.dtype and torch.equal(imported[key], tensor), key
     reloaded, _, meta = load_model("sft", "cpu", phase="eval", model_tag="back")
-    assert meta["model_config"] == dict(model.config.__dict__)
+    assert {k: meta[k] for k in ("model_config", "model_options")} == model.config.meta_entries()
     with torch.no_grad():
         assert torch.equal(reloaded(idx), model(idx))
 
@@ -311,7 +311,7 @@ def test_base_loss_and_base_eval_score_the_export_as_they_score_the_checkpoint(o
 
 def test_export_errors_are_one_line_and_leave_nothing_behind(own_base_dir, tmp_path):
     output = tmp_path / "out"
-    with pytest.raises(MissingInputError, match="no checkpoint"):
+    with pytest.raises(MissingInputError, match="no base checkpoint in"):
         export_hf.main(["-i", "base", "-g", "nope", "--output", str(output)])
     with pytest.raises(MissingInputError):
         export_hf.main(["-i", "sft", "--output", str(output)])

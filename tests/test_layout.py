@@ -121,3 +121,18 @@ def test_the_graph_sees_the_known_edges():
     assert "nanochat.reference_encodings" in graph["nanochat.tokenizer"]  # a lazy import inside a method
     assert {"dev.offline_data.corpus", "dev.offline_data.tiktoken_refs"} <= set(graph["dev.offline_data.__main__"])
     assert "nanochat.dataset" in graph["dev.offline_data.corpus"]  # `from nanochat import dataset`
+
+
+# Modules under scripts/ that are not run: chat_web's own helper, and the model code export_hf ships
+# beside an exported model. Every other script is a runnable phase.
+NOT_RUNNABLE = ("scripts.chat_web_api", "scripts.hf_export")
+
+
+def test_no_runnable_script_imports_another():
+    """What two scripts share belongs in the library; a script imports only the library, tasks and its own helpers."""
+    def runnable(module):
+        return top(module) == "scripts" and module != "scripts" and not module.startswith(NOT_RUNNABLE)
+
+    offenders = {m: [t for t in targets if runnable(t)] for m, targets in import_graph().items() if top(m) in ("scripts", "tasks")}
+    assert {m: t for m, t in offenders.items() if t} == {}
+    assert "scripts.chat_web_api" in import_graph()["scripts.chat_web"]  # the helper edge is seen, and allowed

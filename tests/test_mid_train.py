@@ -166,7 +166,7 @@ def test_mid_train_killed_after_a_save_resumes_with_identical_losses(mid_run, ch
 @pytest.mark.parametrize("flags, message", [
     (["--total-batch-size=300"], "--total-batch-size=300 must be a positive multiple of device_batch_size * max_seq_len * "
                                  "world_size = 4 * 64 * 1 = 256"),
-    (["--resume-from-step=3"], "--resume-from-step=3: no checkpoint at"),
+    (["--resume-from-step=3"], "--resume-from-step=3: no complete checkpoint at"),
     (["--model-tag=never_trained"], "no base checkpoint in"),
 ])
 def test_mid_train_bad_input_is_one_line_at_start_and_writes_nothing(chat_base_dir, flags, message):
