@@ -181,7 +181,7 @@ WINDOW_PATTERN = "SSSL"
 
 
 def model_config_for_depth(depth, vocab_size, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM, max_seq_len=MAX_SEQ_LEN,
-                           window_pattern=WINDOW_PATTERN):
+                           window_pattern=WINDOW_PATTERN, recipe="latest"):
     """
     The GPTConfig that --depth sets: width = depth * aspect_ratio rounded up to a multiple of head_dim,
     so heads are exactly head_dim wide. Returns (config, width before rounding).
@@ -197,8 +197,8 @@ def model_config_for_depth(depth, vocab_size, aspect_ratio=ASPECT_RATIO, head_di
         raise ConfigError(f"--aspect-ratio must be >= 1, got {aspect_ratio}")
     model_dim = math.ceil(base_dim / head_dim) * head_dim
     num_heads = model_dim // head_dim
-    return GPTConfig(
-        sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth,
+    return GPTConfig.for_recipe(
+        recipe, sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth,
         n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim, window_pattern=window_pattern,
     ), base_dim
 
@@ -285,6 +285,24 @@ def linear_decay_lr(step, num_steps):
 
 
 def muon_momentum(it):
-    """Muon's momentum warmup: 0.85 -> 0.95 over the first 300 steps."""
+    """Muon's momentum warmup of the 2026-01 recipe: 0.85 -> 0.95 over the first 300 steps."""
     frac = min(it / 300, 1)
     return (1 - frac) * 0.85 + frac * 0.95
+
+
+def muon_momentum_2026_07(it, num_iterations, warmdown_ratio):
+    """Recipe 2026-07: 0.85 -> 0.97 over the first 400 steps, then down to 0.90 over the LR warmdown."""
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+    warmdown_start = num_iterations - warmdown_iters
+    if it < 400:
+        return 0.85 + (0.97 - 0.85) * it / 400
+    if it >= warmdown_start and warmdown_iters > 0:
+        return 0.97 + (0.90 - 0.97) * (it - warmdown_start) / warmdown_iters
+    return 0.97
+
+
+def weight_decay_factor(it, num_iterations, recipe):
+    """Muon's weight decay over the run, as a fraction of its start: linear to 0 (2026-01) or cosine to 0 (2026-07)."""
+    if recipe == "2026-01":
+        return 1 - it / num_iterations
+    return 0.5 * (1 + math.cos(math.pi * it / num_iterations))

@@ -11,16 +11,42 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.common import ConfigError, print0
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, resolve_recipe
 from nanochat.training import model_config_for_depth
 
 REFERENCE_BATCH_SIZE = 2**19  # tokens per step at which the learning rates were tuned (d12)
+
+# base_train's defaults per recipe (--recipe): upstream's 2026-01 snapshot, and its 2026-07 recipe
+# (autoresearch rounds 1-2 and the data:param ratio re-fit to 12; its time-to-GPT-2 runs).
+RECIPE_DEFAULTS = {
+    "2026-01": dict(target_param_data_ratio=10.5, total_batch_size=524288, unembedding_lr=0.004, weight_decay=0.2,
+                    warmup_steps=0, warmdown_ratio=0.5, final_lr_frac=0.0, eval_tokens=20 * 524288),
+    "2026-07": dict(target_param_data_ratio=12.0, total_batch_size=-1, unembedding_lr=0.008, weight_decay=0.28,
+                    warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05, eval_tokens=80 * 524288),
+}
+
+
+def apply_recipe_defaults(args):
+    """args.recipe resolved to its name, and every flag left unset (None) given that recipe's default."""
+    args.recipe = resolve_recipe(args.recipe)
+    for name, value in RECIPE_DEFAULTS[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def scaling_params(model):
     """Kaplan-style parameter count used for the horizon: transformer matrices + lm_head (LOG 2026-01-27)."""
     counts = model.num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def reference_scaling_params(args, vocab_size):
+    """The scaling params of d12, where the batch size and LRs were tuned (the same recipe and context)."""
+    config, _ = model_config_for_depth(12, vocab_size, max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
+                                       recipe=args.recipe)
+    with torch.device("meta"):
+        return scaling_params(GPT(config))
 
 
 def auto_total_batch_size(args, num_scaling_params, vocab_size):
@@ -30,10 +56,7 @@ def auto_total_batch_size(args, num_scaling_params, vocab_size):
     """
     if args.target_param_data_ratio <= 0:
         raise ConfigError("--total-batch-size=-1 derives the batch from --target-param-data-ratio; set a ratio > 0 or pass an explicit --total-batch-size")
-    reference_config, _ = model_config_for_depth(12, vocab_size, max_seq_len=args.max_seq_len, window_pattern=args.window_pattern)
-    with torch.device("meta"):
-        reference_params = scaling_params(GPT(reference_config))
-    data_ratio = num_scaling_params / reference_params  # D / D_ref at a fixed tokens:params ratio
+    data_ratio = num_scaling_params / reference_scaling_params(args, vocab_size)  # D / D_ref at a fixed tokens:params ratio
     return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * data_ratio**0.383)), data_ratio
 
 
@@ -75,14 +98,18 @@ def plan_training(args, model, vocab_size, world_size):
     num_scaling_params = scaling_params(model)
     flops_per_token = model.estimate_flops()
     total_batch_size = args.total_batch_size
-    weight_decay = args.weight_decay * (12 / args.depth) ** 2  # optimal WD ~ 1/width^2 (upstream LOG 2026-01-10)
     if total_batch_size == -1:
         total_batch_size, data_ratio = auto_total_batch_size(args, num_scaling_params, vocab_size)
-        # constant T_epoch transfer (arXiv 2405.13698) replaces the depth rule when the batch moves too
-        weight_decay = args.weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) / data_ratio
         print0(f"Auto total batch size: {total_batch_size:,} tokens")
     elif total_batch_size <= 0:
         raise ConfigError(f"--total-batch-size must be positive (or -1 for auto), got {total_batch_size}")
+    else:
+        data_ratio = num_scaling_params / reference_scaling_params(args, vocab_size)
+    if args.recipe == "2026-01" and args.total_batch_size != -1:
+        weight_decay = args.weight_decay * (12 / args.depth) ** 2  # optimal WD ~ 1/width^2 (upstream LOG 2026-01-10)
+    else:
+        # constant T_epoch = B / (lr * wd * D) (arXiv 2405.13698), with lr ~ sqrt(B): wd ~ sqrt(B / B_ref) * D_ref / D
+        weight_decay = args.weight_decay * math.sqrt(total_batch_size / REFERENCE_BATCH_SIZE) / data_ratio
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
     world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
     if args.device_batch_size < 1 or total_batch_size % world_tokens_per_fwdbwd != 0:

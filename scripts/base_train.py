@@ -42,46 +42,58 @@ from nanochat.run_summary import base_run_summary, history_before, read_summary,
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
     ASPECT_RATIO, HEAD_DIM, MAX_SEQ_LEN, WINDOW_PATTERN, add_keep_checkpoints_flag, build_model, init_runtime, init_wandb,
-    manage_garbage_collection, model_config_for_depth, muon_momentum, synchronize, update_weights, warmup_warmdown_lr,
+    manage_garbage_collection, model_config_for_depth, muon_momentum, muon_momentum_2026_07, synchronize, update_weights,
+    warmup_warmdown_lr, weight_decay_factor,
 )
-from nanochat.training_plan import plan_training, scaling_params
+from nanochat.training_plan import apply_recipe_defaults, plan_training, scaling_params
 
 CUDA_CORE_METRIC_EVERY = 2000  # upstream's default cadence; on CPU/MPS a CORE evaluation takes too long to be on by default
 
 
 def parse_args(argv=None):
+    unset = " (default: by --recipe, see nanochat/training_plan.py)"
     parser = argparse.ArgumentParser(description="Pretrain a base model", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # logging and hardware
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    # the recipe: model options, optimizer and the defaults marked "by recipe"
+    parser.add_argument("--recipe", type=str, default="latest", choices=["2026-01", "2026-07", "latest"],
+                        help="2026-07 (= latest): upstream's 2026 recipe (smear, backout, MuonEq/Muon+, the schedules "
+                             "below); 2026-01: its January snapshot, which the published numbers of the seeds used")
     # model shape
     parser.add_argument("--depth", type=int, default=20, help="number of transformer layers; sets every other dimension")
     parser.add_argument("--aspect-ratio", type=int, default=ASPECT_RATIO, help="model_dim = depth * aspect_ratio (nudged up to a multiple of head_dim)")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="target attention head dimension")
     parser.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="context length")
     parser.add_argument("--window-pattern", type=str, default=WINDOW_PATTERN, help="sliding-window pattern over layers (S=half context, L=full); last layer is always L")
-    # horizon: the first one that is set wins
+    # horizon: the first one that is set wins (unset = the recipe's default)
     parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimizer steps (-1 = derive)")
     parser.add_argument("--target-flops", type=float, default=-1.0, help="derive steps from a total FLOPs budget (-1 = off)")
-    parser.add_argument("--target-param-data-ratio", type=float, default=10.5, help="derive steps from tokens:scaling-params (-1 = off)")
+    parser.add_argument("--target-param-data-ratio", type=float, default=None, help=f"derive steps from tokens:scaling-params (-1 = off){unset}")
     # batch
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
-    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (-1 = derive from the data size)")
+    parser.add_argument("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step (-1 = derive from the data size){unset}")
     # optimization
     parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR of wte and value embeddings")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of lm_head")
-    parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon cautious weight decay at d12, scaled by (12/depth)^2 (with --total-batch-size=-1: by batch and data size)")
+    parser.add_argument("--unembedding-lr", type=float, default=None, help=f"AdamW LR of lm_head{unset}")
+    parser.add_argument("--weight-decay", type=float, default=None, help="Muon cautious weight decay at d12, scaled by (12/depth)^2 under "
+                        f"2026-01 with a given batch, else by batch and data size{unset}")
     parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the transformer matrices")
     parser.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the residual scalars")
-    parser.add_argument("--adam-beta1", type=float, default=0.8)
-    parser.add_argument("--adam-beta2", type=float, default=0.95)
-    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of steps of linear LR warmdown at the end")
-    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the initial LR")
+    parser.add_argument("--adam-beta1", type=float, default=None, help="AdamW beta1 of every group (recipe 2026-01 only; default 0.8)")
+    parser.add_argument("--adam-beta2", type=float, default=None, help="AdamW beta2 of every group (recipe 2026-01 only; default 0.95)")
+    parser.add_argument("--muon-eq", action=argparse.BooleanOptionalAction, default=None,
+                        help="MuonEq: equilibrate rows before the polar iteration (default: the recipe's, on in 2026-07)")
+    parser.add_argument("--muon-plus", action=argparse.BooleanOptionalAction, default=None,
+                        help="Muon+: renormalize the update to sqrt(min(m, n)) (default: the recipe's, on in 2026-07)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help=f"steps of linear LR warmup{unset}")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warmup (wins over --warmup-steps when > 0)")
+    parser.add_argument("--warmdown-ratio", type=float, default=None, help=f"fraction of steps of linear LR warmdown at the end{unset}")
+    parser.add_argument("--final-lr-frac", type=float, default=None, help=f"LR at the end as a fraction of the initial LR{unset}")
     parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = start fresh)")
     # evaluation, sampling, saving
     parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = off)")
-    parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens of val data per bpb evaluation")
+    parser.add_argument("--eval-tokens", type=int, default=None, help=f"tokens of val data per bpb evaluation{unset}")
     parser.add_argument("--core-metric-every", type=int, default=None,
                         help=f"CORE metric every N steps and at the last step (-1 = off; default {CUDA_CORE_METRIC_EVERY} on CUDA, off on CPU/MPS)")
     parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
@@ -89,11 +101,12 @@ def parse_args(argv=None):
     parser.add_argument("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
     add_keep_checkpoints_flag(parser)
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
-    return parse_flags(parser, argv)
+    return apply_recipe_defaults(parse_flags(parser, argv))
 
 
 def model_config_for_args(args, vocab_size):
-    return model_config_for_depth(args.depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern)
+    return model_config_for_depth(args.depth, vocab_size, args.aspect_ratio, args.head_dim, args.max_seq_len,
+                                  args.window_pattern, recipe=args.recipe)
 
 
 # -----------------------------------------------------------------------------
@@ -114,6 +127,7 @@ def build_and_describe_model(args, vocab_size, device):
     """The model for --depth, initialized; prints its shape, parameter counts and FLOPs per token."""
     config, base_dim = model_config_for_args(args, vocab_size)
     nudge = f" (nudged up from {base_dim})" if config.n_embd != base_dim else ""
+    print0(f"Recipe: {args.recipe}")
     print0(f"num_layers: {config.n_layer}")
     print0(f"model_dim: {config.n_embd}{nudge}")
     print0(f"num_heads: {config.n_head}")
@@ -129,10 +143,17 @@ def build_and_describe_model(args, vocab_size, device):
 
 
 def build_optimizer(args, model, plan):
+    betas = None
+    if args.adam_beta1 is not None or args.adam_beta2 is not None:
+        if args.recipe != "2026-01":
+            raise ConfigError(f"--adam-beta1/--adam-beta2 set the shared AdamW betas of recipe 2026-01; recipe {args.recipe} "
+                              "sets betas per parameter group: drop them or pass --recipe=2026-01")
+        betas = (0.8 if args.adam_beta1 is None else args.adam_beta1, 0.95 if args.adam_beta2 is None else args.adam_beta2)
+    scale = plan.batch_lr_scale
     return model.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * plan.batch_lr_scale, embedding_lr=args.embedding_lr * plan.batch_lr_scale,
-        matrix_lr=args.matrix_lr * plan.batch_lr_scale, weight_decay=plan.weight_decay,
-        adam_betas=(args.adam_beta1, args.adam_beta2), scalar_lr=args.scalar_lr * plan.batch_lr_scale,
+        unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale, matrix_lr=args.matrix_lr * scale,
+        weight_decay=plan.weight_decay, adam_betas=betas, scalar_lr=args.scalar_lr * scale, recipe=args.recipe,
+        muon_eq=args.muon_eq, muon_plus=args.muon_plus,
     )
 
 
@@ -220,13 +241,17 @@ def evaluate_core_metric(model, tokenizer, device, args):
 
 
 def set_schedules(optimizer, step, plan, args):
-    """LR multiplier for every group; Muon's momentum warmup and linearly decaying weight decay. Returns the LR multiplier."""
-    lrm = warmup_warmdown_lr(step, plan.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    """The recipe's schedules: every group's LR; Muon's momentum and weight decay. Returns the LR multiplier."""
+    num_iterations = plan.num_iterations
+    warmup_ratio = args.warmup_ratio or args.warmup_steps / num_iterations
+    lrm = warmup_warmdown_lr(step, num_iterations, warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    momentum = (muon_momentum(step) if args.recipe == "2026-01"
+                else muon_momentum_2026_07(step, num_iterations, args.warmdown_ratio))
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
-            group["momentum"] = muon_momentum(step)
-            group["weight_decay"] = plan.weight_decay * (1 - step / plan.num_iterations)
+            group["momentum"] = momentum
+            group["weight_decay"] = plan.weight_decay * weight_decay_factor(step, num_iterations, args.recipe)
     return lrm
 
 
@@ -240,8 +265,10 @@ def write_report(user_config, model, plan, loop, mfu, peak_memory_mib, runtime, 
             "Calculated number of iterations": plan.num_iterations,
             "Number of training tokens": plan.total_tokens,
             "Tokens : Scaling params ratio": plan.total_tokens / plan.num_scaling_params,
+            "Recipe": args.recipe,
             "DDP world size": runtime.world_size,
             "Attention": runtime.attention,
+            "warmup_steps": args.warmup_steps,
             "warmup_ratio": args.warmup_ratio,
             "warmdown_ratio": args.warmdown_ratio,
             "final_lr_frac": args.final_lr_frac,

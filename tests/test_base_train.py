@@ -17,7 +17,7 @@ import torch
 from conftest import (
     REPO_ROOT, TINY_FLAGS, child_env, kill_once_saved, parse_losses, parse_val_bpb, run_base_train, run_in_process,
 )
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, UPSTREAM_CONFIG_FIELDS, GPTConfig
 from scripts.base_train import main as base_train_main
 from nanochat.training_plan import auto_total_batch_size, scaling_params
 from scripts.base_train import model_config_for_args, parse_args
@@ -139,6 +139,8 @@ def test_resume_after_kill_gives_identical_losses(base_dir):
     resumed = run_base_train(base_dir, *flags, "--model-tag=killed", "--resume-from-step=8", "--keep-checkpoints=1")
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(os.listdir(killed_dir)) == ["meta_000016.json", "model_000016.pt", "optim_000016_rank0.pt", "summary.json"]
+    meta = json.loads((killed_dir / "meta_000016.json").read_text())
+    assert GPTConfig(**meta["model_config"], **meta["model_options"]).recipe() == "2026-07"  # the default recipe
     resumed_losses = parse_losses(resumed.stdout)
     assert sorted(resumed_losses) == list(range(8, 16))
     for step in range(8, 16):
@@ -224,3 +226,20 @@ def test_auto_batch_size_follows_the_power_lines_rule():
         with torch.device("meta"):
             params = scaling_params(GPT(config))
         assert auto_total_batch_size(args, params, 32768)[0] == batch, depth
+
+
+def test_the_2026_01_recipe_trains_the_old_model_and_saves_upstreams_meta(base_dir):
+    result = run_base_train(base_dir, "--recipe=2026-01", "--num-iterations=2", "--eval-every=-1", "--model-tag=old_recipe")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Recipe: 2026-01\n" in result.stdout and "Optimizer recipe: 2026-01" in result.stdout
+    meta = json.loads((base_dir / "base_checkpoints" / "old_recipe" / "meta_000002.json").read_text())
+    assert set(meta["model_config"]) == set(UPSTREAM_CONFIG_FIELDS)  # what upstream's GPTConfig(**model_config) takes
+    assert GPTConfig(**meta["model_config"], **meta["model_options"]).recipe() == "2026-01"
+    weights = torch.load(base_dir / "base_checkpoints" / "old_recipe" / "model_000002.pt", weights_only=True)
+    assert "smear_gate.weight" not in weights
+
+
+def test_shared_adam_betas_are_refused_under_the_2026_07_recipe(base_dir):
+    code, out, err = run_in_process(base_train_main, "base_train", base_dir, [*TINY_FLAGS, "--num-iterations=2",
+                                                                            "--adam-beta1=0.9", "--model-tag=bad_betas"])
+    assert code == 2 and "--adam-beta1/--adam-beta2 set the shared AdamW betas of recipe 2026-01" in out, out + err

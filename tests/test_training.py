@@ -49,3 +49,27 @@ def test_keep_checkpoints_takes_minus_one_or_a_positive_count():
     for bad in ("0", "-2"):
         with pytest.raises(SystemExit):
             parser.parse_args([f"--keep-checkpoints={bad}"])
+
+
+def test_recipe_2026_07_schedules_momentum_up_to_097_then_down_over_the_warmdown_and_decays_wd_by_cosine():
+    from nanochat.training import muon_momentum_2026_07, weight_decay_factor
+
+    N, warmdown = 1000, 0.65  # warmdown starts at step 350, inside the 400-step momentum warmup
+    assert muon_momentum_2026_07(0, N, warmdown) == pytest.approx(0.85)
+    assert muon_momentum_2026_07(200, N, warmdown) == pytest.approx(0.91)  # warmup wins over the warmdown
+    assert muon_momentum_2026_07(675, N, warmdown) == pytest.approx(0.935)  # halfway through the warmdown
+    assert muon_momentum_2026_07(400, 10_000, warmdown) == pytest.approx(0.97)
+    assert [weight_decay_factor(it, N, "2026-07") for it in (0, 500, 1000)] == pytest.approx([1.0, 0.5, 0.0])
+    assert [weight_decay_factor(it, N, "2026-01") for it in (0, 250, 1000)] == pytest.approx([1.0, 0.75, 0.0])
+
+
+def test_recipe_flag_sets_the_base_train_defaults_and_2026_01_brings_the_old_ones_back():
+    from nanochat.training_plan import RECIPE_DEFAULTS
+    from scripts.base_train import parse_args
+
+    latest, old = parse_args([]), parse_args(["--recipe=2026-01"])
+    assert latest.recipe == "2026-07" and old.recipe == "2026-01"
+    for name, value in RECIPE_DEFAULTS["2026-07"].items():
+        assert getattr(latest, name) == value, name
+    assert (old.target_param_data_ratio, old.total_batch_size, old.warmdown_ratio, old.weight_decay) == (10.5, 524288, 0.5, 0.2)
+    assert parse_args(["--recipe=2026-01", "--warmdown-ratio=0.3"]).warmdown_ratio == 0.3  # a flag given wins
