@@ -35,6 +35,7 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
+from nanochat.fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, disable_fp8
 from nanochat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb
 from nanochat.report import get_report
 from nanochat.resume import load_resumable, load_resumable_optimizer, save_resumable
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     # logging and hardware
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--fp8", action="store_true", help="run the large matmuls in fp8 through torchao (needs a GPU with fp8 tensor cores: H100, L4, ...)")
+    parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=FP8_RECIPES,
+                        help="fp8 scaling: tensorwise (one scale per tensor, faster) or rowwise (one per row, more accurate, slower)")
     # the recipe: model options, optimizer and the defaults marked "by recipe"
     parser.add_argument("--recipe", type=str, default="latest", choices=["2026-01", "2026-07", "latest"],
                         help="2026-07 (= latest): upstream's 2026 recipe (smear, backout, MuonEq/Muon+, the schedules "
@@ -189,7 +193,8 @@ def evaluate_val_bpb(model, tokenizer, args, plan, token_bytes, device):
     model.eval()
     val_loader = tokenizing_distributed_data_loader_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
-    val_bpb = evaluate_bpb(model, val_loader, plan.eval_steps, token_bytes)
+    with disable_fp8(model):  # evaluations and samples of an fp8 run compute in the compute dtype
+        val_bpb = evaluate_bpb(model, val_loader, plan.eval_steps, token_bytes)
     model.train()
     return val_bpb
 
@@ -197,10 +202,11 @@ def evaluate_val_bpb(model, tokenizer, args, plan, token_bytes, device):
 def print_samples(model, tokenizer):
     """Greedy continuations of a few fixed prompts: a quick look at what the model knows."""
     model.eval()
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer(prompt, prepend="<|bos|>")
-        sample = list(model.generate(tokens, max_tokens=16, temperature=0))
-        print0(tokenizer.decode(tokens + sample))
+    with disable_fp8(model):
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer(prompt, prepend="<|bos|>")
+            sample = list(model.generate(tokens, max_tokens=16, temperature=0))
+            print0(tokenizer.decode(tokens + sample))
     model.train()
 
 
@@ -235,7 +241,8 @@ def evaluate_core_metric(model, tokenizer, device, args):
     from nanochat.core_eval import evaluate_core
 
     model.eval()
-    result = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+    with disable_fp8(model):
+        result = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
     model.train()
     return result
 
@@ -292,6 +299,8 @@ def main(argv=None):
     args = parse_args(argv)
     print_banner()
     runtime = setup_runtime(args)
+    if args.fp8:
+        check_fp8_support(runtime.device)
     resolve_core_metric_every(args, runtime.device_type)
     user_config = dict(vars(args))
     device = runtime.device
@@ -315,6 +324,10 @@ def main(argv=None):
     history = history_before(previous_summary, loop.step)
     core_label = (previous_summary or {}).get("core_label") if history["core_metric"] else None
     wall_time_before = loop.wall_time
+    if args.fp8:  # after the resume (checkpoints hold plain weights), before compiling
+        converted, num_linear = convert_to_fp8(orig_model, args.fp8_recipe)
+        print0(f"fp8 training ({args.fp8_recipe} scaling): {converted} of {num_linear} Linear layers converted; "
+               f"the others (too small for fp8) stay in {str(COMPUTE_DTYPE).removeprefix('torch.')}")
     model = torch.compile(orig_model, dynamic=False) if compile_enabled(runtime.device_type) else orig_model
     optimizer = build_optimizer(args, orig_model, plan)
     if resuming:

@@ -42,6 +42,8 @@ def pins(path):
 def test_gpu_constraints_pin_upstreams_proven_fa3_stack():
     gpu = pins("dev/constraints/gpu.txt")
     assert gpu["kernels"] == "0.11.7" and gpu["huggingface-hub"] == "0.34.4"
+    # torchao 0.15.0 is the release built against torch 2.9.1; the CPU tests of fp8 run the same one
+    assert gpu["torchao"] == pins("dev/constraints/cpu.txt")["torchao"] == "0.15.0"
     assert not [name for name in gpu if name == "torch" or name == "triton" or name.startswith("nvidia-")]
     install = open(os.path.join(REPO_ROOT, "dev/install.sh")).read()
     assert re.search(r"^TORCH_GPU_VERSION=2\.9\.1$", install, re.M)  # the torch those pins were resolved with
