@@ -15,6 +15,7 @@
 #   NPROC_PER_NODE   processes (GPUs) per run, default 8 (1 under TINY=1)
 #   WANDB_RUN        wandb run prefix, default scaling_<label>
 #   EVAL_TOKENS      val tokens per bpb evaluation, default 100 * 524288 (~100M tokens)
+#   TOTAL_BATCH_SIZE tokens per step of every run, default 524288 (fixed across the sweep)
 #   CORE_METRIC_EVERY / CORE_MAX_PER_TASK   as in miniseries.sh (default: CORE once at the end on
 #                    every example; 12 per task under TINY=1; -1 skips CORE)
 #   TRAIN_ARGS       extra base_train flags, appended last; TINY=1 CPU-sized models and batches
@@ -58,8 +59,10 @@ for flops in "${BUDGET_LIST[@]}"; do
         fi
         tag="scaling_${flops}_d${depth}"
         echo "Training d=$depth at $flops FLOPs (model tag $tag)..."
-        # the budget sets the horizon: target-flops alone (no tokens:params ratio)
+        # the budget sets the horizon: target-flops alone (no tokens:params ratio), so the batch is
+        # fixed (the recipe's auto batch size derives it from the ratio)
         series_train --depth="$depth" --target-flops="$flops" --target-param-data-ratio=-1 \
+            --total-batch-size="${TOTAL_BATCH_SIZE:-524288}" \
             --run="${WANDB_RUN}_${flops}_d${depth}" --model-tag="$tag" --eval-tokens="$EVAL_TOKENS" \
             --core-metric-every="$CORE_METRIC_EVERY" --core-metric-max-per-task="$CORE_MAX_PER_TASK" \
             --sample-every=-1 --save-every=-1 "${TINY_ARGS[@]}" "${EXTRA_ARGS[@]}" 2>&1 | tee "$RESULTS_DIR/${tag}_train.log"
