@@ -103,7 +103,7 @@ def test_miniseries_tiny_fills_every_column_from_the_run_summary(miniseries):
         checkpoint_dir = base / "base_checkpoints" / f"tiny_miniseries_d{values['depth']}"
         meta = json.loads((checkpoint_dir / f"meta_{int(values['num_iterations']):06d}.json").read_text())
         with torch.device("meta"):
-            counts = GPT(GPTConfig(**meta["model_config"])).num_scaling_params()
+            counts = GPT(GPTConfig(**meta["model_config"], **meta["model_options"])).num_scaling_params()
         assert int(values["num_params"]) == counts["total"]
         assert int(values["num_scaling_params"]) == counts["transformer_matrices"] + counts["lm_head"]
         summary = json.loads((checkpoint_dir / "summary.json").read_text())
