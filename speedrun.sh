@@ -7,14 +7,15 @@
 #   WANDB_RUN=speedrun screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh   # with wandb
 #
 # Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat: data, checkpoints, report),
-# NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default dummy = no wandb), RUN_RL=1 (also run
+# NANOCHAT_DATASET (climbmix, the default, or fineweb: the shards downloaded, the tokenizer and
+# the model are trained on), NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default dummy = no wandb), RUN_RL=1 (also run
 # RL on GSM8K and its eval), SKIP_INSTALL=1 (.venv is set up already), SKIP_PREFLIGHT=1 (do not
 # check the node first), PHASE_DRY_RUN=1 (print what would run and the disk it needs, run nothing).
 #
 # First the preflight (python -m scripts.preflight): it stops the run within a minute, before any
 # download, when the GPUs, the attention kernel, the disk or the wandb login would sink it.
 # Disk: each phase keeps only its newest checkpoint (a d20 one is ~8.5 GB with the optimizer
-# state), so the checkpoints of the whole run never hold more than ~34 GB; the shards take ~37 GB.
+# state), so the checkpoints of the whole run never hold more than ~34 GB; the shards take ~17 GB.
 # Safe to re-run after a crash or a lost node: a phase whose report section (and checkpoint)
 # exist is skipped; a training phase cut short resumes from its last checkpoint. Nothing is redone
 # from scratch. To start a new run, point NANOCHAT_BASE_DIR elsewhere or delete its report/ and
@@ -24,12 +25,13 @@ cd "$(dirname "$0")"
 
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export NANOCHAT_DATASET="${NANOCHAT_DATASET:-climbmix}"  # every phase below reads this one
 mkdir -p "$NANOCHAT_BASE_DIR"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 DEPTH=20
 MODEL_TAG=d$DEPTH
-DATA_SHARDS=370
+DATA_SHARDS=170  # upstream's speedrun amount of ClimbMix (see the download below)
 KEEP=1  # checkpoints each training phase keeps (the newest); older ones go once a newer one is complete
 PHASES=base,mid,sft
 [ "${RUN_RL:-0}" = 1 ] && PHASES=$PHASES,rl
@@ -44,11 +46,12 @@ pipeline_preflight --device-type=cuda --nproc="$NPROC_PER_NODE" --depth="$DEPTH"
     --phases="$PHASES" --data-shards="$DATA_SHARDS" --run="$WANDB_RUN"
 pipeline_report_start
 
-# ~2B characters for the tokenizer: 8 shards of ~250M chars (plus the pinned val shard).
-# Shards already on disk are not downloaded again.
+# ~2B characters for the tokenizer: 8 shards of ~250M chars (plus the pinned val shard), so the
+# tokenizer is trained on the same dataset as the model. Shards already on disk are not downloaded again.
 phase_exec python -m nanochat.dataset -n 8
-# d20 has ~435M scaling params; at 20 tokens/param that is 8.7B tokens * ~4.8 chars/token
-# = ~42B chars = ~170 shards; best-fit packing crops ~35% of tokens, so DATA_SHARDS=370 leaves headroom.
+# Upstream's speedrun downloads 170 ClimbMix shards: ~150 carried its d24 GPT-2 run (~7B tokens)
+# plus 20 spare, so ~45M trained tokens a shard. d20 has ~435M scaling params: 170 shards cover
+# up to ratio ~16 (~5.2B tokens at the new recipe's 12); a ratio of 20 needs ~200 shards.
 phase_exec python -m nanochat.dataset -n "$DATA_SHARDS" &
 DATASET_DOWNLOAD_PID=$!
 

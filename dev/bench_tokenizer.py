@@ -9,7 +9,7 @@ Run (CPU only; each trainer runs in its own subprocess, one after the other):
     python dev/bench_tokenizer.py --mb 10 --vocab-size 4096
     python dev/bench_tokenizer.py --source files --text-dir /usr/share/doc
 
-Text (--source): "parquet" = the shards under $NANOCHAT_BASE_DIR/base_data (or --parquet-dir);
+Text (--source): "parquet" = the chosen dataset's shards (NANOCHAT_DATASET; or --parquet-dir);
 "files" = local text files (--text-dir, default: /usr/share/doc, the Python standard library,
 site-packages; .gz files are decompressed); "auto" (default) = parquet first, topped up with
 local files if the shards hold less than --mb. PyPI rustbpe comes from .oracle/rustbpe-0.1.0
@@ -212,7 +212,7 @@ def tiktoken_throughput(docs, total_bytes, tokens, pattern):
 
 
 def main():
-    from nanochat.common import get_base_dir
+    from nanochat.dataset import shard_dir
     from nanochat.tokenizer import SPLIT_PATTERN
 
     class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -222,7 +222,7 @@ def main():
     parser.add_argument("--mb", type=float, default=100, help="megabytes (UTF-8) of text to train on")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size incl. the 256 bytes")
     parser.add_argument("--source", choices=["auto", "parquet", "files"], default="auto", help="where the text comes from")
-    parser.add_argument("--parquet-dir", default=os.path.join(get_base_dir(), "base_data"), help="directory of parquet shards")
+    parser.add_argument("--parquet-dir", default=shard_dir(), help="directory of parquet shards")
     parser.add_argument("--text-dir", action="append", default=None,
                         help="directory of text files (repeatable); default: /usr/share/doc, stdlib, site-packages")
     parser.add_argument("--pattern", default=SPLIT_PATTERN, help="split regex (default: nanochat's)")

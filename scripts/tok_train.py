@@ -1,12 +1,15 @@
 """
 Train the BPE tokenizer on the pretraining shards (our Rust `rustbpe`), then save it for every
-later phase.
+later phase. Train it on the dataset base_train will read: a tokenizer from the other one still
+works, but compresses that data worse.
 
-    python -m scripts.tok_train                                  # 2B chars, vocab 32768
+    python -m scripts.tok_train                                  # 2B chars of ClimbMix, vocab 32768
+    python -m scripts.tok_train --dataset fineweb                # of FineWeb-Edu instead
     python -m scripts.tok_train --max-chars=2000000000 --vocab-size=8192   # CPU demo (dev/runcpu.sh)
 
 Single process only (training is multi-threaded inside rustbpe); there is nothing to torchrun.
-Reads:  $NANOCHAT_BASE_DIR/base_data/shard_*.parquet (train split; see nanochat/dataset.py)
+Reads:  the chosen dataset's train shards ($NANOCHAT_BASE_DIR/base_data_climbmix/ or base_data/;
+        --dataset or NANOCHAT_DATASET; see nanochat/dataset.py)
 Writes: $NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl, tokenizer/token_bytes.pt (int32 [V], raw
         bytes per token id, 0 for specials) and the "Tokenizer training" report section.
 """
@@ -18,7 +21,7 @@ import time
 import torch
 
 from nanochat.common import atomic_open, get_base_dir, parse_flags, run_script
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import add_dataset_flag, parquets_iter_batched, use_dataset
 from nanochat.report import get_report
 from nanochat.tokenizer import TOKEN_BYTES_FILE, TOKENIZER_DIRNAME, RustBPETokenizer, compute_token_bytes
 
@@ -38,6 +41,7 @@ SANITY_TEXT = "\n".join([
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the pretraining shards")
+    add_dataset_flag(parser)
     parser.add_argument("--max-chars", type=int, default=2_000_000_000,
                         help="stop reading documents once this many characters were seen (default: 2B)")
     parser.add_argument("--doc-cap", type=int, default=10_000,
@@ -61,6 +65,8 @@ def capped_documents(max_chars, doc_cap, stats):
 
 def main(argv=None):
     args = parse_args(argv)
+    dataset = use_dataset(args.dataset)
+    print(f"dataset: {dataset.title}")
     print(f"max_chars: {args.max_chars:,}")
     print(f"doc_cap: {args.doc_cap:,}")
     print(f"vocab_size: {args.vocab_size:,}")
@@ -70,7 +76,8 @@ def main(argv=None):
     tokenizer = RustBPETokenizer.train_from_iterator(capped_documents(args.max_chars, args.doc_cap, stats), args.vocab_size)
     train_time = time.time() - t0
     if stats["docs"] == 0:
-        raise RuntimeError("the train split yielded no documents; download shards with `python -m nanochat.dataset`")
+        raise RuntimeError(f"the {dataset.title} train split yielded no documents; download shards with "
+                           f"`python -m nanochat.dataset --dataset {dataset.name}`")
     print(f"Trained on {stats['docs']:,} docs ({stats['chars']:,} chars)")
     print(f"Training time: {train_time:.2f}s")
 

@@ -15,8 +15,9 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     QuietHandler                its request handler base, without the per-request log lines
     build_gpt(config, seed, perturb)  a real GPT on CPU, initialized, optionally with noisy weights
     tiny_tokenizer              a real rustbpe-trained RustBPETokenizer (vocab 300), in memory
-    tiny_base_dir               a NANOCHAT_BASE_DIR with 3 train shards, the val shard and a
-                                tokenizer trained by scripts.tok_train (vocab 512)
+    tiny_base_dir               a NANOCHAT_BASE_DIR with 3 train shards, the val shard (of the default
+                                dataset, in its directory) and a tokenizer trained by scripts.tok_train (vocab 512)
+    default_shard_dir(base)     that directory in the base dir `base`
     tiny_checkpoint             tiny_base_dir plus a 3-step d2 base model under the tag for_loss
 """
 
@@ -45,6 +46,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 os.environ.setdefault("NANOCHAT_COMPILE", "0")  # a cold torch.compile costs ~25 s on 2 cores; test_compile turns it on
+os.environ.pop("NANOCHAT_DATASET", None)  # tests run on the default dataset unless they choose one
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VOCAB_SIZE = 300  # tiny_tokenizer: 256 bytes + 35 merges + 9 special tokens (a d2 model pads it to 320)
@@ -307,15 +309,22 @@ def tiny_tokenizer():
     return tokenizer
 
 
+def default_shard_dir(base):
+    """The default dataset's shard directory in the base dir `base` (where tiny_base_dir's shards are)."""
+    from nanochat.dataset import get_dataset
+
+    return base / get_dataset().dir_name
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
     """3 train shards (row groups of 64 docs), the pinned val shard, and tok_train's tokenizer."""
-    from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
+    from nanochat.dataset import get_dataset, shard_filename, write_shard
 
     base = tmp_path_factory.mktemp("tiny_base")
-    data_dir = base / "base_data"
+    data_dir = default_shard_dir(base)
     data_dir.mkdir()
-    for index, seed in [(0, 0), (1, 1), (2, 2), (VAL_SHARD_INDEX, 99)]:
+    for index, seed in [(0, 0), (1, 1), (2, 2), (get_dataset().val_shard, 99)]:
         write_shard(str(data_dir / shard_filename(index)), synthetic_documents(400, seed), row_group_size=64)
     subprocess.run([sys.executable, "-m", "scripts.tok_train", "--max-chars=2000000", f"--vocab-size={BASE_DIR_VOCAB_SIZE}"],
                    cwd=REPO_ROOT, env=child_env(base), check=True, capture_output=True, timeout=300)

@@ -8,6 +8,7 @@ Also scripts/base_loss.py on the model trained here: its bpb, report section and
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from conftest import (
-    REPO_ROOT, TINY_FLAGS, child_env, kill_once_saved, parse_losses, parse_val_bpb, run_base_train, run_in_process,
+    REPO_ROOT, TINY_FLAGS, child_env, default_shard_dir, kill_once_saved, parse_losses, parse_val_bpb, run_base_train,
+    run_in_process,
 )
 from nanochat.gpt import GPT, UPSTREAM_CONFIG_FIELDS, GPTConfig
 from scripts.base_train import main as base_train_main
@@ -211,6 +213,36 @@ def test_base_loss_bad_input_fails_with_a_message(base_dir, trained_for_loss, fl
     code, out, err = run_in_process(base_loss_main, "base_loss", base_dir, ["--device-type=cpu", *flags])
     assert code == 2, out + err
     assert message in out
+
+
+# -----------------------------------------------------------------------------
+# The pretraining dataset
+
+
+def test_base_train_reads_the_chosen_dataset_and_records_it(base_dir, tmp_path):
+    """
+    --dataset fineweb reads base_data/ (val = shard_01822) and is recorded in the checkpoint and
+    the report; the default (ClimbMix) then finds no shards of its own, and resuming that run on
+    another dataset is refused.
+    """
+    base = tmp_path / "base"
+    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    (base / "base_data").mkdir()
+    for shard in default_shard_dir(base_dir).iterdir():  # the session's ClimbMix shards, renamed into FineWeb-Edu's layout
+        shutil.copy(shard, base / "base_data" / ("shard_01822.parquet" if shard.name == "shard_06542.parquet" else shard.name))
+    flags = [*TINY_FLAGS, "--num-iterations=2", "--model-tag=fw"]
+    code, out, err = run_in_process(base_train_main, "base_train", base, [*flags, "--dataset=fineweb"])
+    assert code == 0, out + err
+    assert "Pretraining data: FineWeb-Edu-100B" in out and set(parse_val_bpb(out)) == {0, 2}
+    meta = json.loads((base / "base_checkpoints" / "fw" / "meta_000002.json").read_text())
+    assert meta["user_config"]["dataset"] == "fineweb"
+    assert "\n- dataset: fineweb\n" in (base / "report" / "base-model-training.md").read_text()
+
+    code, out, _ = run_in_process(base_train_main, "base_train", base, [*TINY_FLAGS, "--num-iterations=2", "--model-tag=cm"])
+    assert code == 2 and f"base_train: no ClimbMix-400B train shards in {base / 'base_data_climbmix'}: " in out
+    assert "python -m nanochat.dataset --dataset climbmix -n 8" in out and "set NANOCHAT_DATASET=fineweb" in out
+    code, out, _ = run_in_process(base_train_main, "base_train", base, [*flags, "--resume-from-step=2"])
+    assert code == 2 and "trained on fineweb, not climbmix: resume with --dataset fineweb" in out
 
 
 # -----------------------------------------------------------------------------

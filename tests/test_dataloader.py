@@ -22,7 +22,7 @@ from nanochat.dataloader import (
     tokenizing_distributed_data_loader_bos_bestfit,
     tokenizing_distributed_data_loader_with_state_bos_bestfit,
 )
-from nanochat.dataset import get_split_paths
+from nanochat.dataset import get_dataset, get_split_paths
 
 # Small on purpose: T=48 makes many docs longer than a row (they linger in the buffer and get
 # cropped), 16-doc row groups in chunks of 5 exercise partial chunks and short last row groups.
@@ -50,7 +50,7 @@ def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("base_data")
     rng = random.Random(1234)
     shards = dict(TRAIN_SHARD_DOCS)
-    shards[1822] = VAL_SHARD_DOCS  # the pinned val shard
+    shards[get_dataset().val_shard] = VAL_SHARD_DOCS  # the pinned val shard of the default dataset
     for shard, num_docs in shards.items():
         # the label makes every document's text (and tokens) unique
         texts = [make_doc(rng, f"<{shard}.{i}>") for i in range(num_docs)]

@@ -1,8 +1,10 @@
 """
-Pretraining shards: the split rule, striding, the shard format, the shard writer, the repackager,
-and the downloader against a local HTTP server that misbehaves on purpose (no network needed).
+Pretraining shards: the two datasets (their directories, selection, val shards and URLs), the
+split rule, striding, the shard format, the shard writer, the repackager, and the downloader
+against a local HTTP server that misbehaves on purpose (no network needed).
 """
 
+import argparse
 import glob
 import importlib.util
 import json
@@ -18,12 +20,20 @@ import pytest
 
 from conftest import LocalHTTPServer, QuietHandler
 from nanochat import dataset
+from nanochat.common import ConfigError
 from nanochat.dataset import (
-    MAX_SHARD, VAL_SHARD_INDEX, ShardWriter, download_shard, get_split_paths, list_parquet_files,
-    parquets_iter_batched, shard_filename, shard_problem, write_shard, write_train_val_shards,
+    ShardWriter, download_shard, get_split_paths, list_parquet_files, parquets_iter_batched, shard_filename,
+    shard_problem, write_shard, write_train_val_shards,
 )
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = dataset.get_dataset()  # the mechanics are tested on the default dataset (conftest clears NANOCHAT_DATASET)
+VAL_SHARD_INDEX, MAX_SHARD = DEFAULT.val_shard, DEFAULT.max_shard
+# upstream's facts: the hub repository, the last shard index and the local directory of each dataset
+UPSTREAM = {
+    "climbmix": ("karpathy/climbmix-400b-shuffle", 6542, "base_data_climbmix"),
+    "fineweb": ("karpathy/fineweb-edu-100b-shuffle", 1822, "base_data"),
+}
 
 
 def make_docs(tag, n):
@@ -43,18 +53,83 @@ def leftovers(directory):
 
 
 # -----------------------------------------------------------------------------
+# The two datasets: selection, directories, val shards
+
+
+def test_climbmix_is_the_default_and_the_env_or_the_flag_chooses(monkeypatch):
+    assert dataset.get_dataset().name == "climbmix"
+    monkeypatch.setenv("NANOCHAT_DATASET", "fineweb")
+    assert dataset.get_dataset().name == "fineweb" and dataset.get_dataset("climbmix").name == "climbmix"
+    parser = argparse.ArgumentParser()
+    dataset.add_dataset_flag(parser)
+    assert parser.parse_args([]).dataset == "fineweb"  # the flag's default follows the env
+    assert parser.parse_args(["--dataset", "climbmix"]).dataset == "climbmix"
+    assert dataset.use_dataset("climbmix").name == "climbmix" and os.environ["NANOCHAT_DATASET"] == "climbmix"
+    monkeypatch.setenv("NANOCHAT_DATASET", "fineweb-edu")
+    with pytest.raises(ConfigError, match="unknown pretraining dataset 'fineweb-edu'.*climbmix, fineweb"):
+        dataset.get_dataset()
+
+
+@pytest.mark.parametrize("name", list(UPSTREAM))
+def test_each_dataset_has_upstreams_url_directory_and_last_shard_as_val(name, tmp_path, monkeypatch):
+    repo, last_shard, dir_name = UPSTREAM[name]
+    chosen = dataset.get_dataset(name)
+    assert chosen.base_url == f"https://huggingface.co/datasets/{repo}/resolve/main"
+    assert (chosen.max_shard, chosen.val_shard, chosen.dir_name) == (last_shard, last_shard, dir_name)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_DATASET", name)
+    assert dataset.shard_dir() == str(tmp_path / dir_name)
+    for index in (0, 1, 7, 1822, 6542):  # 1822 is a train shard of ClimbMix, 6542 a stray file next to FineWeb-Edu
+        write_shard(os.path.join(dataset.shard_dir(), shard_filename(index)), make_docs(index, 3))
+    (tmp_path / dir_name / "shard_00002.parquet.abc.tmp").write_bytes(b"partial download")
+    names = [os.path.basename(p) for p in list_parquet_files()]
+    assert names == ["shard_00000.parquet", "shard_00001.parquet", "shard_00007.parquet", "shard_01822.parquet", "shard_06542.parquet"]
+    assert [os.path.basename(p) for p in get_split_paths("val")] == [shard_filename(last_shard)]
+    assert [os.path.basename(p) for p in get_split_paths("train")] == [n for n in names if n != shard_filename(last_shard)]
+
+
+def test_one_base_dir_holds_both_datasets_and_each_reads_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for name in UPSTREAM:
+        for index in (0, dataset.get_dataset(name).val_shard):
+            write_shard(os.path.join(dataset.shard_dir(name), shard_filename(index)), make_docs(f"{name}{index}", 3))
+    assert sorted(os.listdir(tmp_path)) == ["base_data", "base_data_climbmix"]
+    for name in UPSTREAM:
+        monkeypatch.setenv("NANOCHAT_DATASET", name)
+        val_shard = dataset.get_dataset(name).val_shard
+        assert sum(parquets_iter_batched("train"), []) == make_docs(f"{name}0", 3)
+        assert sum(parquets_iter_batched("val"), []) == make_docs(f"{name}{val_shard}", 3)
+
+
+@pytest.mark.parametrize("name", list(UPSTREAM))
+def test_missing_shards_are_one_line_naming_the_download_of_that_dataset(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_DATASET", name)
+    title = dataset.get_dataset(name).title
+    for split in ("train", "val"):
+        with pytest.raises(FileNotFoundError) as missing:
+            get_split_paths(split)
+        message = str(missing.value)
+        assert f"no {title} {split}" in message and "\n" not in message
+        assert f"`python -m nanochat.dataset --dataset {name} -n 8`" in message
+        assert f"`python -m dev.offline_data corpus --dataset {name}`" in message
+        assert "NANOCHAT_DATASET=" not in message  # no other dataset on disk to point at
+
+
+def test_missing_climbmix_shards_point_at_the_fineweb_shards_already_on_disk(tmp_path, monkeypatch):
+    """Upstream falls back to base_data/ with a warning; we say where those shards are and how to keep using them."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    write_shard(os.path.join(dataset.shard_dir("fineweb"), shard_filename(0)), make_docs(0, 3))
+    with pytest.raises(FileNotFoundError) as missing:
+        get_split_paths("train")
+    message = str(missing.value)
+    assert message.startswith(f"no ClimbMix-400B train shards in {tmp_path / 'base_data_climbmix'}: ")
+    assert f"FineWeb-Edu-100B shards are in {tmp_path / 'base_data'}: set NANOCHAT_DATASET=fineweb" in message
+    assert "retraining the tokenizer" in message
+
+
+# -----------------------------------------------------------------------------
 # Split rule and striding
-
-
-def test_val_is_pinned_to_shard_1822_and_train_is_every_other_shard(tmp_path):
-    for index in (0, 1, 7, VAL_SHARD_INDEX, 1900):
-        write_shard(os.path.join(tmp_path, shard_filename(index)), make_docs(index, 3))
-    (tmp_path / "shard_00002.parquet.abc.tmp").write_bytes(b"partial download")
-    names = [os.path.basename(p) for p in list_parquet_files(str(tmp_path))]
-    assert names == ["shard_00000.parquet", "shard_00001.parquet", "shard_00007.parquet", "shard_01822.parquet", "shard_01900.parquet"]
-    assert [os.path.basename(p) for p in get_split_paths("val", str(tmp_path))] == ["shard_01822.parquet"]
-    assert [os.path.basename(p) for p in get_split_paths("train", str(tmp_path))] == [
-        "shard_00000.parquet", "shard_00001.parquet", "shard_00007.parquet", "shard_01900.parquet"]
 
 
 def test_missing_splits_raise_errors_that_say_what_to_run(tmp_path):
@@ -74,8 +149,8 @@ def test_parquets_iter_batched_yields_exactly_the_strided_row_groups(tmp_path, m
     row_group_size = 4
     sizes = {0: 10, 1: 13, 2: 4, VAL_SHARD_INDEX: 9}
     for index, n in sizes.items():
-        write_shard(os.path.join(tmp_path, shard_filename(index)), make_docs(f"s{index}", n), row_group_size)
-    monkeypatch.setattr(dataset, "DATA_DIR", str(tmp_path))  # the default data dir is looked up per call
+        write_shard(os.path.join(tmp_path, DEFAULT.dir_name, shard_filename(index)), make_docs(f"s{index}", n), row_group_size)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # the default data dir is looked up per call
     for split, indices in (("train", [0, 1, 2]), ("val", [VAL_SHARD_INDEX])):
         expected = []
         for index in indices:  # reference: all docs of the file, cut into row groups by hand
@@ -162,7 +237,7 @@ def test_train_val_split_with_held_out_docs_and_with_last_shard(tmp_path):
     docs = make_docs("d", 100)
     held_out = tmp_path / "held_out"
     train, val = write_train_val_shards(docs, str(held_out), chars_per_shard=300, row_group_size=4, val_docs=12)
-    assert os.path.basename(val) == "shard_01822.parquet"
+    assert os.path.basename(val) == shard_filename(VAL_SHARD_INDEX)
     assert pq.read_table(val).column("text").to_pylist() == docs[:12]
     assert sum((pq.read_table(p).column("text").to_pylist() for p in train), []) == docs[12:]
 
@@ -170,11 +245,15 @@ def test_train_val_split_with_held_out_docs_and_with_last_shard(tmp_path):
     train, val = write_train_val_shards(docs, str(last), chars_per_shard=300, row_group_size=4, val_docs=0)
     train_docs = sum((pq.read_table(p).column("text").to_pylist() for p in train), [])
     assert train_docs + pq.read_table(val).column("text").to_pylist() == docs
-    assert sorted(os.listdir(last)) == sorted([os.path.basename(p) for p in train] + ["shard_01822.parquet"])
+    assert sorted(os.listdir(last)) == sorted([os.path.basename(p) for p in train] + [shard_filename(VAL_SHARD_INDEX)])
 
     capped = tmp_path / "capped"
     train, val = write_train_val_shards(docs, str(capped), chars_per_shard=300, row_group_size=4, val_docs=8, max_train_shards=2)
     assert len(train) == 2 and len(os.listdir(capped)) == 3
+
+    _, val = write_train_val_shards(docs, str(tmp_path / "fineweb"), chars_per_shard=300, row_group_size=4, val_docs=8,
+                                    val_index=dataset.get_dataset("fineweb").val_shard)
+    assert os.path.basename(val) == "shard_01822.parquet"
 
 
 def test_repackage_script_builds_shards_from_local_files(tmp_path):
@@ -211,11 +290,11 @@ class ShardServer(LocalHTTPServer):
     Serves shard bytes over HTTP on 127.0.0.1. plan[name] is a list of behaviours, one per GET
     (the last repeats): "ok", "drop" (Content-Length, half the body, then a TCP reset), "short"
     (Content-Length of the whole body, half sent, clean close), "unsized_short" (no Content-Length,
-    half sent, close), "500", "404". gets[name] counts GET requests.
+    half sent, close), "500", "404". gets[name] counts GET requests, paths lists the paths asked for.
     """
 
     def __init__(self, files):
-        self.files, self.plan, self.gets = files, {}, {}
+        self.files, self.plan, self.gets, self.paths = files, {}, {}, []
         server = self
 
         class Handler(QuietHandler):
@@ -225,6 +304,7 @@ class ShardServer(LocalHTTPServer):
 
             def do_GET(self):
                 name = self.path.rsplit("/", 1)[-1]
+                server.paths.append(self.path)
                 server.gets[name] = server.gets.get(name, 0) + 1
                 steps = server.plan.get(name, ["ok"])
                 behaviour = steps[min(server.gets[name], len(steps)) - 1]
@@ -313,7 +393,27 @@ def test_shard_indices_always_include_the_val_shard():
     assert dataset.shard_indices_to_download(3) == [0, 1, 2, VAL_SHARD_INDEX]
     assert dataset.shard_indices_to_download(0) == [VAL_SHARD_INDEX]
     assert dataset.shard_indices_to_download(-1) == list(range(MAX_SHARD + 1))
-    assert dataset.shard_indices_to_download(5000) == list(range(MAX_SHARD + 1))
+    assert dataset.shard_indices_to_download(50000) == list(range(MAX_SHARD + 1))
+    fineweb = dataset.get_dataset("fineweb")
+    assert dataset.shard_indices_to_download(3, fineweb) == [0, 1, 2, 1822]
+    assert dataset.shard_indices_to_download(-1, fineweb) == list(range(1823))
+
+
+@pytest.mark.parametrize("name", list(UPSTREAM))
+def test_cli_fetches_each_dataset_from_its_repository_into_its_directory(name, tmp_path, monkeypatch, capsys):
+    """A fake hub stands in for the real one: only the host changes, the dataset's path stays."""
+    repo, last_shard, dir_name = UPSTREAM[name]
+    sources = tmp_path / "sources"
+    files = {shard_filename(i): shard_bytes(str(sources), i) for i in (0, 1, last_shard)}
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
+    with ShardServer(files) as server:
+        monkeypatch.setattr(dataset, "HUB_DATASETS_URL", f"{server.address}/datasets")
+        assert dataset.main(["--dataset", name, "-n", "2", "-w", "1", "--retry-backoff", "0"]) == 0
+    assert sorted(server.paths) == [f"/datasets/{repo}/resolve/main/{shard_filename(i)}" for i in (0, 1, last_shard)]
+    assert sorted(os.listdir(tmp_path / "base")) == [dir_name]
+    assert sorted(os.listdir(tmp_path / "base" / dir_name)) == sorted(files)
+    assert f"Shards of {dataset.get_dataset(name).title}: 3 wanted" in capsys.readouterr().out
 
 
 def test_cli_downloads_in_parallel_and_reports_failures(tmp_path, shard_files, capsys):
@@ -328,7 +428,7 @@ def test_cli_downloads_in_parallel_and_reports_failures(tmp_path, shard_files, c
         server.plan["shard_00001.parquet"] = ["ok"]
         assert dataset.main(args) == 0
         assert "Done! Downloaded: 4/4 shards (1 new, 3 already present)" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_01822.parquet"]
+    assert sorted(os.listdir(tmp_path)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", shard_filename(VAL_SHARD_INDEX)]
 
 
 def test_cli_says_in_one_line_when_the_host_is_unreachable(tmp_path, capsys):
@@ -338,9 +438,9 @@ def test_cli_says_in_one_line_when_the_host_is_unreachable(tmp_path, capsys):
     args = ["-n", "2", "--base-url", f"http://127.0.0.1:{port}/data", "--data-dir", str(tmp_path), "--retry-backoff", "5"]
     assert dataset.main(args) == 1  # with a 5 s back-off this would take minutes if it retried
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("Shards: 3 wanted")
+    assert len(lines) == 2 and lines[0].startswith("Shards of ClimbMix-400B: 3 wanted")
     assert "Cannot reach 127.0.0.1" in lines[1] and "connection refused" in lines[1]
-    assert "python -m dev.offline_data corpus" in lines[1]
+    assert "python -m dev.offline_data corpus --dataset climbmix" in lines[1]
     assert os.listdir(tmp_path) == []
 
 

@@ -66,12 +66,19 @@ def test_a_run_peak_stacks_each_phase_on_what_the_earlier_ones_left():
     assert unbounded is None  # mid's step count is not known ahead
 
 
-def test_plan_counts_only_the_shards_still_missing(tmp_path):
-    (tmp_path / "base_data").mkdir()
-    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"):
-        (tmp_path / "base_data" / name).write_bytes(b"x")
+@pytest.mark.parametrize("name,directory,val_shard", [("climbmix", "base_data_climbmix", 6542), ("fineweb", "base_data", 1822)])
+def test_plan_counts_only_the_chosen_datasets_shards_still_missing(tmp_path, monkeypatch, name, directory, val_shard):
+    monkeypatch.setenv("NANOCHAT_DATASET", name)
+    other = "base_data" if directory != "base_data" else "base_data_climbmix"
+    for folder in (directory, other):  # the other dataset's shards count for nothing
+        (tmp_path / folder).mkdir()
+        for index in (0, 1, val_shard):
+            (tmp_path / folder / f"shard_{index:05d}.parquet").write_bytes(b"x")
+    (tmp_path / other / "shard_00002.parquet").write_bytes(b"x")
     (tmp_path / "eval_bundle").mkdir()
     (tmp_path / "task_data").mkdir()
     plan = disk_plan.plan_run(2, 1, 1, ["base"], data_shards=5, base_dir=str(tmp_path), vocab_size=512)
-    assert plan.data == 3 * disk_plan.SHARD_BYTES and plan.other == 0
+    assert plan.data == 3 * disk_plan.SHARD_BYTES and plan.other == 0  # shards 2, 3 and 4
     assert plan.still_to_write == plan.data + plan.checkpoint_peak
+    title = "ClimbMix-400B" if name == "climbmix" else "FineWeb-Edu-100B"
+    assert f"of {title} shards" in "\n".join(disk_plan.describe(plan, 1))

@@ -25,7 +25,7 @@ pytest.importorskip("tokenizers")
 
 import torch  # noqa: E402
 
-from conftest import build_gpt, run_in_process, small_bundle, synthetic_documents  # noqa: E402
+from conftest import build_gpt, default_shard_dir, run_in_process, small_bundle, synthetic_documents  # noqa: E402
 from nanochat.checkpoint_manager import load_model, save_checkpoint  # noqa: E402
 from nanochat.common import ConfigError, MissingInputError  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
@@ -281,15 +281,12 @@ def test_export_then_import_reproduces_the_checkpoint_bit_for_bit(own_base_dir, 
         assert torch.equal(reloaded(idx), model(idx))
 
 
-def test_base_loss_and_base_eval_score_the_export_as_they_score_the_checkpoint(own_base_dir, tiny_base_dir, tmp_path,
-                                                                              monkeypatch, capsys):
-    from nanochat import dataset
+def test_base_loss_and_base_eval_score_the_export_as_they_score_the_checkpoint(own_base_dir, tiny_base_dir, tmp_path):
     from scripts import base_eval, base_loss
 
     output = tmp_path / "hf" / "tiny"
     export_hf.main(["-i", "base", "-g", "for_loss", "--output", str(output)])
-    shutil.copytree(tiny_base_dir / "base_data", own_base_dir / "base_data")
-    monkeypatch.setattr(dataset, "DATA_DIR", str(own_base_dir / "base_data"))  # fixed when the module was imported
+    shutil.copytree(default_shard_dir(tiny_base_dir), default_shard_dir(own_base_dir))
     bundle = small_bundle(str(tmp_path / "bundle"), offline=True)
     bpb, tables = {}, {}
     for name, flags in (("checkpoint", ["--model-tag=for_loss"]), ("export", [f"--hf-path={output}"])):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, child_env
+from conftest import REPO_ROOT, child_env, default_shard_dir
 from nanochat.dataset import DamagedShardError, iter_row_groups
 from nanochat.tokenizer import DamagedTokenizerError, RustBPETokenizer, get_token_bytes
 from nanochat.training import wandb_login_problem
@@ -27,7 +27,7 @@ def cut_in_half(path):
 
 def test_a_cut_shard_is_named_when_read(tiny_base_dir, tmp_path):
     shard = tmp_path / "shard_00000.parquet"
-    shutil.copy(tiny_base_dir / "base_data" / "shard_00000.parquet", shard)
+    shutil.copy(default_shard_dir(tiny_base_dir) / "shard_00000.parquet", shard)
     cut_in_half(shard)
     with pytest.raises(DamagedShardError) as damaged:
         list(iter_row_groups([str(shard)]))
@@ -58,7 +58,7 @@ def run_base_train(base, *flags, env=None):
 
 def test_base_train_stops_with_one_line_on_a_damaged_tokenizer_and_on_a_cut_shard(tiny_base_dir, tmp_path):
     base = tmp_path / "base"
-    shutil.copytree(tiny_base_dir / "base_data", base / "base_data")
+    shutil.copytree(default_shard_dir(tiny_base_dir), default_shard_dir(base))
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     good_tokenizer = (base / "tokenizer" / "tokenizer.pkl").read_bytes()
 
@@ -68,10 +68,10 @@ def test_base_train_stops_with_one_line_on_a_damaged_tokenizer_and_on_a_cut_shar
     assert f"base_train: tokenizer file {base / 'tokenizer' / 'tokenizer.pkl'} is damaged" in out
 
     (base / "tokenizer" / "tokenizer.pkl").write_bytes(good_tokenizer)
-    cut_in_half(base / "base_data" / "shard_00000.parquet")
+    cut_in_half(default_shard_dir(base) / "shard_00000.parquet")
     code, out, err = run_base_train(base)
     assert code == 2 and "Traceback" not in out + err, out + err
-    assert f"base_train: shard {base / 'base_data' / 'shard_00000.parquet'} is damaged" in out
+    assert f"base_train: shard {default_shard_dir(base) / 'shard_00000.parquet'} is damaged" in out
     assert not (base / "base_checkpoints").exists()
 
 

