@@ -19,6 +19,7 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
                                 dataset, in its directory) and a tokenizer trained by scripts.tok_train (vocab 512)
     default_shard_dir(base)     that directory in the base dir `base`
     tiny_checkpoint             tiny_base_dir plus a 3-step d2 base model under the tag for_loss
+    tiny_checkpoint_2026_01     the same run with --recipe=2026-01, under the tag for_loss_2026_01
 """
 
 import contextlib
@@ -337,6 +338,14 @@ def tiny_checkpoint(tiny_base_dir):
     trained = run_base_train(tiny_base_dir, "--num-iterations=3", "--model-tag=for_loss")
     assert trained.returncode == 0, trained.stderr
     return trained.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_2026_01(tiny_base_dir):
+    """tiny_checkpoint's run with --recipe=2026-01 (the model export_hf writes), under base_checkpoints/for_loss_2026_01."""
+    trained = run_base_train(tiny_base_dir, "--num-iterations=3", "--recipe=2026-01", "--model-tag=for_loss_2026_01")
+    assert trained.returncode == 0, trained.stderr
+    return tiny_base_dir / "base_checkpoints" / "for_loss_2026_01"
 
 
 # -----------------------------------------------------------------------------

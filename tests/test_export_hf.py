@@ -229,11 +229,15 @@ def test_chat_template_rejects_what_render_conversation_rejects(hf_tokenizers):
 
 
 @pytest.fixture
-def own_base_dir(tiny_checkpoint, tiny_base_dir, tmp_path, monkeypatch):
-    """A base dir of our own with tiny_checkpoint's tokenizer and base model (imports write here, not in the shared one)."""
+def own_base_dir(tiny_checkpoint, tiny_checkpoint_2026_01, tiny_base_dir, tmp_path, monkeypatch):
+    """
+    A base dir of our own (imports write here, not in the shared one) with the tiny tokenizer, the
+    tiny 2026-01 base model as for_loss (the architecture the export implements) and the 2026-07 one as latest.
+    """
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
-    shutil.copytree(tiny_base_dir / "base_checkpoints" / "for_loss", base / "base_checkpoints" / "for_loss")
+    shutil.copytree(tiny_checkpoint_2026_01, base / "base_checkpoints" / "for_loss")
+    shutil.copytree(tiny_base_dir / "base_checkpoints" / "for_loss", base / "base_checkpoints" / "latest")
     (base / "report").mkdir()
     (base / "report" / "base-model-training.md").write_text("## Base model training\n\n- Minimum validation bpb: 3.1416\n")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
@@ -322,7 +326,10 @@ def test_export_errors_are_one_line_and_leave_nothing_behind(own_base_dir, tmp_p
     export_hf.main(["-i", "base", "-g", "for_loss", "--output", str(output), "--force"])
     assert "model.safetensors" in os.listdir(output) and "mine.txt" not in os.listdir(output)
 
-    # a checkpoint of an architecture the modeling file does not implement
+    # a checkpoint of an architecture the modeling file does not implement: the 2026-07 recipe, or unknown fields
+    with pytest.raises(ConfigError, match="is a 2026-07 model .*implements the 2026-01 architecture only"):
+        export_hf.main(["-i", "base", "-g", "latest", "--output", str(tmp_path / "out_latest")])
+    assert not (tmp_path / "out_latest").exists()
     model, _, meta = load_model("base", "cpu", phase="eval", model_tag="for_loss")
     newer = own_base_dir / "base_checkpoints" / "newer"
     state = model.state_dict()
