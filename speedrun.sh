@@ -6,6 +6,9 @@
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
 #   WANDB_RUN=speedrun screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh   # with wandb
 #
+# Variants: RECIPE=2026-01 NANOCHAT_DATASET=fineweb bash speedrun.sh   (the seeds' published run)
+#           GPT2_RUN=1 bash speedrun.sh   (upstream's time-to-GPT-2 run: d24, ratio 8, fp8)
+#
 # Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat: data, checkpoints, report),
 # NANOCHAT_DATASET (climbmix, the default, or fineweb: the shards downloaded, the tokenizer and
 # the model are trained on), NPROC_PER_NODE (GPUs, default 8), WANDB_RUN (default dummy = no wandb), RUN_RL=1 (also run
@@ -29,9 +32,23 @@ export NANOCHAT_DATASET="${NANOCHAT_DATASET:-climbmix}"  # every phase below rea
 mkdir -p "$NANOCHAT_BASE_DIR"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
+# The recipe (RECIPE, default latest = upstream's 2026-07, see the README). A ClimbMix shard carries
+# ~45M trained tokens (upstream: ~150 shards for its d24 run at ratio 8, ~5.8B tokens), a FineWeb-Edu
+# one ~24M after best-fit cropping.
+RECIPE="${RECIPE:-latest}"
 DEPTH=20
+BASE_ARGS=(--recipe="$RECIPE")
+DATA_SHARDS=170  # d20 at the recipe's ratio 12 (~5.2B tokens), as upstream's speedrun downloads
+if [ "${GPT2_RUN:-0}" = 1 ]; then
+    # upstream's time-to-GPT-2 run (CORE > 0.2565 on 8xH100): d24 at ratio 8 in fp8, 16 rows per GPU
+    DEPTH=24
+    BASE_ARGS+=(--target-param-data-ratio=8 --device-batch-size=16 --fp8)
+elif [ "$RECIPE" = 2026-01 ]; then
+    # the seeds' published run: d20 at ratio 20 (~8.7B tokens)
+    BASE_ARGS+=(--target-param-data-ratio=20)
+    if [ "$NANOCHAT_DATASET" = fineweb ]; then DATA_SHARDS=370; else DATA_SHARDS=210; fi
+fi
 MODEL_TAG=d$DEPTH
-DATA_SHARDS=170  # upstream's speedrun amount of ClimbMix (see the download below)
 KEEP=1  # checkpoints each training phase keeps (the newest); older ones go once a newer one is complete
 PHASES=base,mid,sft
 [ "${RUN_RL:-0}" = 1 ] && PHASES=$PHASES,rl
@@ -49,9 +66,7 @@ pipeline_report_start
 # ~2B characters for the tokenizer: 8 shards of ~250M chars (plus the pinned val shard), so the
 # tokenizer is trained on the same dataset as the model. Shards already on disk are not downloaded again.
 phase_exec python -m nanochat.dataset -n 8
-# Upstream's speedrun downloads 170 ClimbMix shards: ~150 carried its d24 GPT-2 run (~7B tokens)
-# plus 20 spare, so ~45M trained tokens a shard. d20 has ~435M scaling params: 170 shards cover
-# up to ratio ~16 (~5.2B tokens at the new recipe's 12); a ratio of 20 needs ~200 shards.
+# The training shards (DATA_SHARDS above), in the background while the tokenizer trains.
 phase_exec python -m nanochat.dataset -n "$DATA_SHARDS" &
 DATASET_DOWNLOAD_PID=$!
 
@@ -61,9 +76,9 @@ run_phase tok_eval tokenizer-evaluation - -- python -m scripts.tok_eval
 echo "Waiting for the dataset download to finish..."
 wait "$DATASET_DOWNLOAD_PID"
 
-# Pretraining: ~16.6K steps; a checkpoint every 2000 steps bounds what a crash can cost.
+# Pretraining; a checkpoint every 2000 steps bounds what a crash can cost.
 run_phase base_train base-model-training "$NANOCHAT_BASE_DIR/base_checkpoints/$MODEL_TAG" -- \
-    "${TORCHRUN[@]}" scripts.base_train -- --depth="$DEPTH" --target-param-data-ratio=20 --save-every=2000 \
+    "${TORCHRUN[@]}" scripts.base_train -- --depth="$DEPTH" "${BASE_ARGS[@]}" --save-every=2000 \
     --keep-checkpoints="$KEEP" --run="$WANDB_RUN"
 run_phase base_loss base-model-loss - -- "${TORCHRUN[@]}" scripts.base_loss
 run_phase base_eval base-model-evaluation - -- "${TORCHRUN[@]}" scripts.base_eval

@@ -340,7 +340,7 @@ def test_speedrun_rerun_plan_skips_done_phases_and_resumes_the_cut_one(tmp_path)
     assert "[phase] tok_train: done (report section tokenizer-training exists); skipping" in lines
     assert "[phase] base_train: resuming from its last checkpoint, step 4000" in lines
     assert ("[phase] would run: torchrun --standalone --nproc_per_node=4 -m scripts.base_train -- --depth=20 "
-            "--target-param-data-ratio=20 --save-every=2000 --keep-checkpoints=1 --run=w --resume-from-step=4000") in lines
+            "--recipe=latest --save-every=2000 --keep-checkpoints=1 --run=w --resume-from-step=4000") in lines
     ran = [line.split("-m ", 1)[1].split(" ")[0] for line in lines if line.startswith("[phase] would run: torchrun")]
     assert ran == ["scripts.base_train", "scripts.base_loss", "scripts.base_eval", "scripts.mid_train",
                    "scripts.chat_eval", "scripts.chat_sft", "scripts.chat_eval"]
@@ -355,6 +355,18 @@ def test_speedrun_rerun_plan_skips_done_phases_and_resumes_the_cut_one(tmp_path)
     preflight = lines.index("[phase] would run: python -m scripts.preflight --device-type=cuda --nproc=4 --depth=20 "
                             "--keep-checkpoints=1 --phases=base,mid,sft --data-shards=170 --run=w")
     assert preflight < min(i for i, line in enumerate(lines) if "nanochat.dataset" in line)
+
+
+@pytest.mark.parametrize("variant, base_train_flags, shards", [
+    ({"GPT2_RUN": "1"}, "--depth=24 --recipe=latest --target-param-data-ratio=8 --device-batch-size=16 --fp8", "170"),
+    ({"RECIPE": "2026-01", "NANOCHAT_DATASET": "fineweb"}, "--depth=20 --recipe=2026-01 --target-param-data-ratio=20", "370"),
+])
+def test_speedrun_variants_plan_their_base_run_and_data(tmp_path, variant, base_train_flags, shards):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), PHASE_DRY_RUN="1", **variant)
+    result = subprocess.run(["bash", "speedrun.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"scripts.base_train -- {base_train_flags} --save-every=2000" in result.stdout
+    assert f"[phase] would run: python -m nanochat.dataset -n {shards}" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine whose torch has no CUDA")
