@@ -316,30 +316,23 @@ class MuonAdamW(torch.optim.Optimizer):
                          ("step", "lr", "beta1", "beta2", "eps", "wd", "momentum")}
 
     def add_param_group(self, param_group):
-        if not isinstance(param_group, dict):
-            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
-        kind = group.get("kind")
+        kind = param_group.get("kind")
         if kind not in _REQUIRED_KEYS:
             raise ValueError(f"param group 'kind' must be 'adamw' or 'muon', got {kind!r}")
-        missing = [key for key in _REQUIRED_KEYS[kind] if key not in group]
+        missing = [key for key in _REQUIRED_KEYS[kind] if key not in param_group]
         if missing:
             raise ValueError(f"{kind} param group is missing {missing}; every hyperparameter must be given explicitly")
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if not params:
-            raise ValueError(f"{kind} param group has no params")
-        if kind == "muon":
-            shapes = {tuple(p.shape) for p in params}
-            if any(p.ndim != 2 for p in params):
-                raise ValueError(f"muon param group needs 2-D matrices, got shapes {sorted(shapes)}; use adamw for the rest")
-            if len(shapes) != 1:
-                raise ValueError(f"muon param group mixes shapes {sorted(shapes)}; make one group per shape")
-        else:
-            for p in params:
-                _check_shardable(p.shape, self.world_size)
-        group["params"] = params
-        super().add_param_group(group)
+        super().add_param_group(dict(param_group))  # torch makes params a list and checks each is a leaf tensor
+        shapes = sorted({tuple(p.shape) for p in self.param_groups[-1]["params"]})
+        try:
+            if kind == "muon" and (len(shapes) != 1 or len(shapes[0]) != 2):
+                raise ValueError(f"a muon param group stacks its matrices into one tensor, so it needs one 2-D shape; "
+                                 f"got {shapes}: make one group per shape, and use adamw for the rest")
+            for shape in shapes if kind == "adamw" else []:
+                _check_shardable(shape, self.world_size)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # ------------------------------------------------------------------ state layout
 

@@ -12,7 +12,7 @@ Run it:
     python -m scripts.chat_web                          # the SFT model on one GPU, http://<host>:8000
     python -m scripts.chat_web --num-gpus 8 --max-batch 64   # 8 replicas, 64 replies at once on each
     python -m scripts.chat_web -i base -g d20 -s 21400 --device-type cpu --host 127.0.0.1  # CPU, localhost only
-    NANOCHAT_DTYPE=float32 python -m scripts.chat_web   # the compute dtype comes from NANOCHAT_DTYPE
+    python -m scripts.chat_web -d float32               # the compute dtype (as NANOCHAT_DTYPE sets it)
 
 Endpoints:
     GET  /                     the chat UI (nanochat/ui.html)
@@ -25,6 +25,12 @@ Endpoints:
 
 Reads $NANOCHAT_BASE_DIR/<source>_checkpoints/<tag>/ and the tokenizer; writes nothing.
 """
+
+import sys
+
+from nanochat.precision import add_dtype_flag, apply_dtype_flag, check_dtype_flag
+
+apply_dtype_flag(sys.argv[1:])  # -d/--dtype sets NANOCHAT_DTYPE before nanochat.common fixes the compute dtype
 
 import argparse
 import asyncio
@@ -80,6 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (None: the last one)")
     parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    add_dtype_flag(parser)
     parser.add_argument("--host", type=str, default="0.0.0.0",
                         help="address to bind (0.0.0.0: every interface; 127.0.0.1: this machine only)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
@@ -564,6 +571,7 @@ def create_app(workers, settings):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_dtype_flag(args.dtype)
     ranges = [("--max-queue", args.max_queue, 0, float("inf")), ("--temperature", args.temperature, 0, api.MAX_TEMPERATURE),
               ("--top-k", args.top_k, 0, api.MAX_TOP_K), ("--max-tokens", args.max_tokens, 1, api.MAX_NEW_TOKENS)]
     for flag, value, low, high in ranges:

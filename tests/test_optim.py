@@ -219,8 +219,8 @@ def test_converges_on_squared_distance_to_a_target(kind, shapes, lr):
     (dict(kind="sgd", params=[torch.zeros(3, requires_grad=True)], lr=0.1), "kind"),
     (dict(kind="adamw", params=[torch.zeros(3, requires_grad=True)], lr=0.1), "missing"),
     (muon_group([torch.zeros(4, 4, requires_grad=True), torch.zeros(4, 8, requires_grad=True)]), "one group per shape"),
-    (muon_group([torch.zeros(4, requires_grad=True)]), "2-D"),
-    (muon_group([]), "no params"),
+    (muon_group([torch.zeros(4, requires_grad=True)]), "one 2-D shape"),
+    (muon_group([]), "one 2-D shape"),
 ])
 def test_bad_param_groups_raise_clear_errors(group, message):
     with pytest.raises(ValueError, match=message):

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from nanochat.common import COMPUTE_DTYPE, ConfigError
 from nanochat.precision import check_dtype_flag
 
-SCRIPTS_WITH_DTYPE = ["chat_cli", "chat_eval", "mid_train", "chat_sft", "chat_rl"]
+SCRIPTS_WITH_DTYPE = ["chat_cli", "chat_eval", "chat_web", "mid_train", "chat_sft", "chat_rl"]
 
 
 @pytest.mark.parametrize("argv, expected", [(["-d", "bfloat16"], "torch.bfloat16"), (["--dtype=float16"], "torch.float16"),
