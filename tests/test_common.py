@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import LocalHTTPServer, QuietHandler, free_port
 from nanochat import common
@@ -44,21 +45,18 @@ def test_unknown_gpu_has_infinite_peak_so_mfu_reads_zero():
     assert common.get_peak_flops("Some Future Accelerator") == float("inf")
 
 
-@pytest.mark.parametrize("value, expected", [("bfloat16", "torch.bfloat16"), ("float16", "torch.float16"),
-                                             ("float32", "torch.float32"), ("", "torch.float32")])
-def test_compute_dtype_follows_nanochat_dtype(value, expected):
-    env = {**os.environ, "NANOCHAT_DTYPE": value}
-    out = subprocess.run([sys.executable, "-c", "from nanochat.common import COMPUTE_DTYPE; print(COMPUTE_DTYPE)"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == expected  # "" autodetects: fp32 without a GPU
+@pytest.mark.parametrize("value, expected", [("bfloat16", torch.bfloat16), ("fp16", torch.float16),
+                                             ("float32", torch.float32), ("", torch.float32)])
+def test_compute_dtype_follows_nanochat_dtype(monkeypatch, value, expected):
+    # in-process on the function; tests/test_precision.py checks in a fresh process that the import reads it
+    monkeypatch.setenv("NANOCHAT_DTYPE", value)
+    assert common._detect_compute_dtype() == expected  # "" autodetects: fp32 without a GPU
 
 
-def test_bad_compute_dtype_is_a_clear_error():
-    env = {**os.environ, "NANOCHAT_DTYPE": "int8"}
-    result = subprocess.run([sys.executable, "-c", "import nanochat.common"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "NANOCHAT_DTYPE='int8' is not one of bfloat16, float16, float32" in result.stderr
+def test_bad_compute_dtype_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "int8")
+    with pytest.raises(ValueError, match="NANOCHAT_DTYPE='int8' is not one of bfloat16, float16, float32"):
+        common._detect_compute_dtype()
 
 
 def test_compute_init_on_cpu_without_torchrun(monkeypatch):

@@ -12,19 +12,26 @@ import pytest
 
 from conftest import REPO_ROOT
 from nanochat.common import COMPUTE_DTYPE, ConfigError
-from nanochat.precision import check_dtype_flag
+from nanochat.precision import apply_dtype_flag, check_dtype_flag
 
 SCRIPTS_WITH_DTYPE = ["chat_cli", "chat_eval", "chat_web", "mid_train", "chat_sft", "chat_rl"]
 
 
-@pytest.mark.parametrize("argv, expected", [(["-d", "bfloat16"], "torch.bfloat16"), (["--dtype=float16"], "torch.float16"),
-                                            (["-i", "sft"], "torch.float32")])
-def test_the_flag_sets_the_compute_dtype_over_the_environment(argv, expected):
+@pytest.mark.parametrize("argv, expected", [(["-d", "bfloat16"], "bfloat16"), (["--dtype=float16"], "float16"),
+                                            (["--dtype", "float32", "-i", "sft"], "float32"), (["-i", "sft"], "bfloat16")])
+def test_the_flag_sets_nanochat_dtype_over_the_environment(monkeypatch, argv, expected):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    apply_dtype_flag(argv)
+    assert os.environ["NANOCHAT_DTYPE"] == expected
+
+
+def test_a_process_that_applies_the_flag_first_computes_in_that_dtype():
     program = ("import sys; from nanochat.precision import apply_dtype_flag; apply_dtype_flag(sys.argv[1:]); "
                "from nanochat.common import COMPUTE_DTYPE; print(COMPUTE_DTYPE)")
     env = dict(os.environ, NANOCHAT_DTYPE="float32")
-    result = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.stdout.strip() == expected, result.stderr
+    result = subprocess.run([sys.executable, "-c", program, "-d", "bfloat16"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.stdout.strip() == "torch.bfloat16", result.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_DTYPE)
