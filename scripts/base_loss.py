@@ -9,7 +9,8 @@ Run it:
     python -m scripts.base_loss --hf-path=openai-community/gpt2             # an HF model (needs transformers)
     python -m scripts.base_loss --hf-path=/path/to/exported_model           # the same from a local directory (offline)
 
-Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<tag>/, the data shards and the tokenizer.
+Reads  $NANOCHAT_BASE_DIR/base_checkpoints/<tag>/, the shards of the data the checkpoint was trained on
+       (--dataset to choose another) and the tokenizer.
 Writes the "Base model loss" section of the report.
 """
 
@@ -21,6 +22,7 @@ from nanochat.common import (
     ConfigError, autodetect_device_type, compute_cleanup, compute_init, parse_flags, print0, run_script,
 )
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.dataset import DATASETS, use_dataset
 from nanochat.hf_model import load_hf
 from nanochat.loss_eval import SAMPLE_PROMPTS, evaluate_bpb
 from nanochat.report import get_report
@@ -35,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last one)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--hf-path", type=str, default=None, help="evaluate a Hugging Face causal LM instead (hub id or local directory)")
+    parser.add_argument("--dataset", type=str, default=None, choices=list(DATASETS),
+                        help="shards to measure on (default: those the checkpoint was trained on; $NANOCHAT_DATASET, "
+                             "else climbmix, for an HF model or a checkpoint that does not say)")
     return parse_flags(parser, argv)
 
 
@@ -51,6 +56,9 @@ def main(argv=None):
         token_bytes = get_token_bytes(device=device)
         sequence_len = meta["model_config"]["sequence_len"]
         model_name = f"base_model (step {meta['step']})"
+    # bpb compares only within one dataset: by default the one base_train recorded
+    trained_on = None if args.hf_path else meta.get("user_config", {}).get("dataset")
+    print0(f"Data: {use_dataset(args.dataset or trained_on).title}")
 
     tokens_per_step = args.device_batch_size * sequence_len * world_size
     if args.device_batch_size < 1 or args.split_tokens < tokens_per_step or args.split_tokens % tokens_per_step:

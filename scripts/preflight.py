@@ -257,6 +257,11 @@ def report(check):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        get_dataset()  # a misspelt $NANOCHAT_DATASET stops here, before any measurement
+    except ConfigError as error:
+        print(f"[preflight] STOP: {error}", flush=True)
+        return 1
     base_dir = get_base_dir()
     driver = hardware.query_driver()
     torch_gpus = describe_torch_gpus()

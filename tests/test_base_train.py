@@ -20,6 +20,7 @@ from conftest import (
     run_in_process,
 )
 from nanochat.gpt import GPT, UPSTREAM_CONFIG_FIELDS, GPTConfig
+from scripts.base_loss import main as base_loss_main
 from scripts.base_train import main as base_train_main
 from nanochat.training_plan import auto_total_batch_size, scaling_params
 from scripts.base_train import model_config_for_args, parse_args
@@ -243,6 +244,10 @@ def test_base_train_reads_the_chosen_dataset_and_records_it(base_dir, tmp_path):
     assert "python -m nanochat.dataset --dataset climbmix -n 8" in out and "set NANOCHAT_DATASET=fineweb" in out
     code, out, _ = run_in_process(base_train_main, "base_train", base, [*flags, "--resume-from-step=2"])
     assert code == 2 and "trained on fineweb, not climbmix: resume with --dataset fineweb" in out
+    # base_loss measures on the data the checkpoint names, whatever $NANOCHAT_DATASET says
+    code, out, err = run_in_process(base_loss_main, "base_loss", base,
+                                    ["--device-type=cpu", "--device-batch-size=4", "--split-tokens=256", "--model-tag=fw"])
+    assert code == 0 and "Data: FineWeb-Edu-100B" in out, out + err
 
 
 # -----------------------------------------------------------------------------

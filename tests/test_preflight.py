@@ -103,3 +103,13 @@ def test_gpus_this_torch_cannot_use_stop_the_preflight(tmp_path):
     assert "[preflight] driver 535.104.05 (supports CUDA up to 12.2)" in result.stdout
     stops = [line for line in result.stdout.splitlines() if line.startswith("[preflight] STOP: ")]
     assert len(stops) == 1 and "nvidia-smi lists 8 GPU(s)" in stops[0] and "Traceback" not in result.stderr
+
+
+def test_a_misspelt_dataset_is_one_stop_line_before_any_measurement(monkeypatch, capsys, tmp_path):
+    from scripts.preflight import main as preflight_main
+    monkeypatch.setenv("NANOCHAT_DATASET", "climbmx")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert preflight_main(["--device-type=cpu", "--skip-bench"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["[preflight] STOP: unknown pretraining dataset 'climbmx' (from --dataset or "
+                                "$NANOCHAT_DATASET); choose one of: climbmix, fineweb"]
