@@ -6,6 +6,7 @@ mock model that only advances the cache, a byte-level tokenizer). The calculator
 input and its time limit holds from a worker thread.
 """
 
+import os
 import threading
 import time
 
@@ -266,3 +267,47 @@ def test_time_limit_holds_in_a_worker_thread():
     assert not thread.is_alive()
     assert result["value"] is None and elapsed["seconds"] < 5
     assert eval_with_timeout("6*7") == 42  # and the evaluator still works afterwards
+
+
+def test_the_evaluator_child_is_reused_and_replaced_after_a_timeout():
+    from nanochat.engine import _evaluator
+
+    assert eval_with_timeout("2*21") == 42
+    first = _evaluator.process.pid
+    assert eval_with_timeout("'hello'.count('l')") == 2 and _evaluator.process.pid == first  # no interpreter per call
+    assert eval_with_timeout("9**9**9", max_time=0.5) is None and _evaluator.process is None  # killed, not left burning
+    assert eval_with_timeout("6*7") == 42 and _evaluator.process.pid != first
+
+
+def test_calls_from_many_threads_each_get_their_own_answer():
+    answers = {}
+
+    def worker(k):
+        answers[k] = [eval_with_timeout(f"{k} * 1000 + {i}") for i in range(20)]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers == {k: [k * 1000 + i for i in range(20)] for k in range(8)}
+
+
+def test_a_forked_child_starts_its_own_evaluator():
+    from nanochat.engine import _evaluator
+
+    assert eval_with_timeout("1+1") == 2
+    parents = _evaluator.process.pid
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through its own evaluator, then leave without running pytest's exit handlers
+        os.close(read_end)
+        answer = eval_with_timeout("3*3")
+        os.write(write_end, f"{answer} {_evaluator.process.pid}".encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_answer, childs = pipe.read().split()
+    os.waitpid(pid, 0)
+    assert child_answer == "9" and int(childs) != parents  # not the parent's child, nor its pipes
+    assert eval_with_timeout("2+2") == 4 and _evaluator.process.pid == parents
