@@ -14,6 +14,9 @@ Shared builders (session-scoped where they cost seconds, so each is made once pe
     LocalHTTPServer(handler)    a real HTTP server on 127.0.0.1 for the download and client tests
     QuietHandler                its request handler base, without the per-request log lines
     build_gpt(config, seed, perturb)  a real GPT on CPU, initialized, optionally with noisy weights
+    gpt                         (module-scoped) a tiny perturbed GPT with GQA and sliding windows
+    kv_cache_for(model, B, T)   an fp32 CPU KVCache shaped for model
+    decode_in_chunks(model, idx, chunks, cache)  logits of idx fed through the cache chunk by chunk
     tiny_tokenizer              a real rustbpe-trained RustBPETokenizer (vocab 300), in memory
     tiny_base_dir               a NANOCHAT_BASE_DIR with 3 train shards, the val shard (of the default
                                 dataset, in its directory) and a tokenizer trained by scripts.tok_train (vocab 512)
@@ -299,6 +302,37 @@ def build_gpt(config, seed=0, perturb=0.0):
             for p in model.parameters():
                 p.add_(perturb * torch.randn_like(p))
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    """A tiny perturbed GPT with GQA and sliding windows of 32 in layers 0-1 (the Engine and batch-engine tests)."""
+    from nanochat.gpt import GPTConfig
+
+    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL")
+    return build_gpt(config, seed=3, perturb=0.1)
+
+
+def kv_cache_for(model, batch_size, seq_len):
+    """An fp32 CPU KVCache shaped for model's heads and layers."""
+    import torch
+
+    from nanochat.engine import KVCache
+
+    c = model.config
+    return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
+
+
+def decode_in_chunks(model, idx, chunks, cache):
+    """model's logits for idx fed through cache chunk by chunk (sizes in chunks), concatenated along time."""
+    import torch
+
+    pieces, start = [], 0
+    for n in chunks:
+        pieces.append(model(idx[:, start:start + n], kv_cache=cache))
+        start += n
+        assert cache.get_pos() == start
+    return torch.cat(pieces, dim=1)
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,6 @@ from nanochat.gpt import GPTConfig
 from nanochat.row_cache import RowKVCache
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SSL")  # GQA and a sliding window of 32 in layers 0-1
-    return build_gpt(config, seed=3, perturb=0.1)
-
-
 class Recorder:
     """Collects one job's events: its token columns, masks and the order of everything."""
 

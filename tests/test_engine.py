@@ -74,13 +74,6 @@ class MockModel:
 # A real tiny GPT and a tokenizer view that hides the stop tokens
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SSL")  # GQA and a sliding window of 32 in layers 0-1
-    return build_gpt(config, seed=3, perturb=0.1)
-
-
 class NoStopTokenizer:
     """The tiny tokenizer, with <|assistant_end|> and <|bos|> moved to ids the model never emits,
     so greedy comparisons run to max_tokens."""

@@ -12,7 +12,7 @@ import torch
 
 import nanochat.engine as engine
 import nanochat.gpt as gpt
-from conftest import build_gpt
+from conftest import build_gpt, decode_in_chunks, kv_cache_for
 from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb, has_ve, norm
 
@@ -317,11 +317,6 @@ def test_bf16_compute_keeps_fp32_master_weights(monkeypatch):
 # KV cache
 
 
-def kv_cache_for(model, batch_size, seq_len):
-    c = model.config
-    return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
-
-
 @pytest.mark.parametrize("chunks", [[7] + [1] * 23, [5, 3, 8, 1, 7], [1] * 30])
 def test_kv_cache_decoding_equals_full_forward(chunks):
     # T = 30 tokens with short windows of 16 (SSL over 3 layers): the windows really cut.
@@ -330,12 +325,8 @@ def test_kv_cache_decoding_equals_full_forward(chunks):
     with torch.no_grad():
         full = model(idx)
         cache = kv_cache_for(model, 2, 32)
-        pieces, start = [], 0
-        for n in chunks:
-            pieces.append(model(idx[:, start:start + n], kv_cache=cache))
-            start += n
-            assert cache.get_pos() == start
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+        chunked = decode_in_chunks(model, idx, chunks, cache)
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
 
 
 def test_sliding_windows_change_the_result():

@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_gpt
-from nanochat.engine import KVCache
+from conftest import build_gpt, decode_in_chunks, kv_cache_for
 from nanochat.gpt import GPT, RECIPES, GPTConfig
 
 
@@ -105,11 +104,6 @@ def test_2026_01_init_keeps_the_neutral_gates_and_constant_lambdas():
 # Smear under the KV cache
 
 
-def kv_cache_for(model, batch_size, seq_len):
-    c = model.config
-    return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
-
-
 @pytest.mark.parametrize("chunks", [[7] + [1] * 13, [5, 3, 8, 1, 3]])
 def test_kv_cache_decoding_with_smear_equals_full_forward(chunks):
     # [5, 3, ...]: a later chunk of several tokens smears its first one with the cache's prev_embedding
@@ -118,11 +112,8 @@ def test_kv_cache_decoding_with_smear_equals_full_forward(chunks):
     with torch.no_grad():
         full = model(idx)
         cache = kv_cache_for(model, 2, 32)
-        pieces, start = [], 0
-        for n in chunks:
-            pieces.append(model(idx[:, start:start + n], kv_cache=cache))
-            start += n
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+        chunked = decode_in_chunks(model, idx, chunks, cache)
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
     cache.reset()
     assert cache.prev_embedding is None and cache.get_pos() == 0
 
